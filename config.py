@@ -1,0 +1,69 @@
+"""
+nanoGPT's `--key=value` overrides, parsed against a settings dataclass (no exec), and the one-line
+error every script gives for a user mistake.
+
+    cfg = parse_args(TrainConfig, sys.argv[1:])   # --help lists the fields and their defaults
+"""
+
+import dataclasses
+import difflib
+import sys
+
+
+class UserError(ValueError):
+    """A mistake in the user's input: reported as one line and exit code 2, never a traceback."""
+
+
+def parse_value(text, default, key):
+    kind = type(default)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if kind is tuple:
+            return tuple(s for s in text.split(",") if s)
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{key}={text} is not a valid {kind.__name__} (default {default!r})")
+
+
+def parse_args(cls, argv, base=None):
+    """Apply ['--key=value', ...] to base (default: cls()); unknown keys and bad types are UserErrors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = dataclasses.asdict(base) if base is not None else {}
+    if "--help" in argv or "-h" in argv:
+        defaults = base or cls()
+        print(f"{cls.__name__} settings (override with --key=value):")
+        for name in fields:
+            print(f"  --{name}={getattr(defaults, name)!r}")
+        raise SystemExit(0)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"argument {arg!r} is not of the form --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise UserError(f"unknown setting --{key}{hint}; see --help")
+        default = getattr(base, key) if base is not None else default_of(fields[key])
+        values[key] = parse_value(text, default, key)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e))
+
+
+def default_of(field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()
+
+
+def run_main(main):
+    """Run main(argv); a UserError becomes 'error: ...' on stderr and exit code 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

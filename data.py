@@ -1,0 +1,221 @@
+"""
+The Python-code corpus, our 2048-token byte-level BPE (served by tiktoken), and token batches.
+
+    python data.py                       # build the cache for the standard library corpus
+    python data.py --data_dir=~/code     # any folder of .py files
+
+Corpus: every .py file under the running interpreter's standard library (site-packages left
+out), in sorted path order, documents joined by <|endoftext|>. About 2% of files, picked by a
+hash of their path, form the validation split. The tokenizer is trained on a deterministic sample
+of the training files, written as a tiktoken ranks file, and loaded into tiktoken.Encoding.
+Everything lives in out/data/<key>/, where key hashes the inputs; a change of inputs rebuilds.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import time
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+import regex  # installed with tiktoken (its own dependency): \p{L} classes like tiktoken's patterns
+import tiktoken
+
+from config import UserError, parse_args, run_main
+
+VOCAB_SIZE = 2048
+EOT = "<|endoftext|>"
+# GPT-4-style split, for code: identifiers (letters and _) with one leading non-letter, 1-3 digits,
+# punctuation runs (newlines never glued to them), newlines with the whitespace before them,
+# indentation runs. No English contraction rule: in code `'s'` is a string, not "it's".
+SPLIT_PATTERN = r"""[^\r\n\p{L}\p{N}_]?[\p{L}_]+|\p{N}{1,3}| ?[^\s\p{L}\p{N}_]+|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""             # folder of .py files; empty = this Python's standard library
+    cache_dir: str = "out/data"
+    tokenizer_sample_bytes: int = 3_000_000  # BPE trains on this many bytes of training files
+    val_every: int = 50            # about 1 in val_every files goes to validation
+
+# -----------------------------------------------------------------------------
+# corpus
+
+def default_data_dir():
+    return sysconfig.get_paths()["stdlib"]
+
+
+def list_py_files(data_dir):
+    data_dir = os.path.expanduser(data_dir)
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir={data_dir} is not a folder")
+    files = []
+    for root, dirs, names in os.walk(data_dir):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files += [os.path.join(root, n) for n in sorted(names) if n.endswith(".py")]
+    if not files:
+        raise UserError(f"data_dir={data_dir} holds no .py files")
+    return files
+
+
+def read_text(path):
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def is_val(relpath, val_every):
+    return zlib.crc32(relpath.encode()) % val_every == 0
+
+# -----------------------------------------------------------------------------
+# byte-level BPE, trained in pure Python
+
+def train_bpe(text_chunks, vocab_size=VOCAB_SIZE, verbose=False):
+    """Byte-level BPE: returns tiktoken mergeable ranks {token bytes: rank} with vocab_size - 1
+    entries (the last id is left for <|endoftext|>). Works on the unique pre-tokenized chunks with
+    incremental pair counts, so each merge touches only the chunks that contain its pair."""
+    words = [list(w.encode("utf-8")) for w in text_chunks]  # unique chunks as symbol-id lists
+    counts = list(text_chunks.values())
+    vocab = {i: bytes([i]) for i in range(256)}
+    ranks = {bytes([i]): i for i in range(256)}
+    pair_counts = defaultdict(int)
+    where = defaultdict(set)                                 # pair -> indices of words holding it
+    for wi, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += counts[wi]
+            where[pair].add(wi)
+    next_id = 256
+    while len(ranks) < vocab_size - 1 and pair_counts:
+        best = max(pair_counts, key=pair_counts.get)
+        if pair_counts[best] <= 0:
+            break
+        new_bytes = vocab[best[0]] + vocab[best[1]]
+        vocab[next_id] = new_bytes
+        if new_bytes not in ranks:   # two merge orders can make the same bytes: one rank for them
+            ranks[new_bytes] = len(ranks)
+        for wi in where.pop(best):
+            w, c = words[wi], counts[wi]
+            for pair in zip(w, w[1:]):                       # retract this word's old pairs
+                pair_counts[pair] -= c
+            merged, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    merged.append(next_id)
+                    i += 2
+                else:
+                    merged.append(w[i])
+                    i += 1
+            words[wi] = merged
+            for pair in zip(merged, merged[1:]):             # and count its new ones
+                pair_counts[pair] += c
+                where[pair].add(wi)
+        del pair_counts[best]
+        next_id += 1
+        if verbose and len(ranks) % 256 == 0:
+            print(f"bpe: {len(ranks)} tokens")
+    return ranks
+
+
+def write_ranks(ranks, path):
+    """tiktoken's own format: one 'base64(token bytes) rank' line per token."""
+    with open(path + ".tmp", "w") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_ranks(path):
+    # parsed here rather than with tiktoken.load.load_tiktoken_bpe, which caches by path in /tmp
+    # and would serve a stale file after a rebuild
+    with open(path) as f:
+        return {base64.b64decode(t): int(r) for t, r in (line.split() for line in f if line.strip())}
+
+
+def make_encoding(ranks_path):
+    ranks = read_ranks(ranks_path)
+    if len(ranks) != VOCAB_SIZE - 1:
+        raise ValueError(f"{ranks_path} has {len(ranks)} ranks, expected {VOCAB_SIZE - 1}")
+    return tiktoken.Encoding(name="sparse_circuits_py2048", pat_str=SPLIT_PATTERN,
+                             mergeable_ranks=ranks, special_tokens={EOT: VOCAB_SIZE - 1})
+
+# -----------------------------------------------------------------------------
+# the cache: tokenizer and token bins
+
+def cache_key(files, cfg):
+    h = hashlib.sha256()
+    h.update(json.dumps([SPLIT_PATTERN, VOCAB_SIZE, cfg.tokenizer_sample_bytes, cfg.val_every]).encode())
+    for path in files:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def prepare(cfg=DataConfig(), verbose=True):
+    """Build (or find) the cache; returns its folder, holding tokenizer.tiktoken, train.bin, val.bin."""
+    data_dir = cfg.data_dir or default_data_dir()
+    files = list_py_files(data_dir)
+    folder = os.path.join(cfg.cache_dir, cache_key(files, cfg))
+    if os.path.exists(os.path.join(folder, "meta.json")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    t0 = time.time()
+    rel = [os.path.relpath(p, data_dir) for p in files]
+    train_files = [p for p, r in zip(files, rel) if not is_val(r, cfg.val_every)]
+    val_files = [p for p, r in zip(files, rel) if is_val(r, cfg.val_every)]
+    # tokenizer: train on every k-th training file until the byte budget is met (deterministic)
+    stride = max(1, sum(os.path.getsize(p) for p in train_files) // cfg.tokenizer_sample_bytes)
+    splitter, chunks = regex.compile(SPLIT_PATTERN), Counter()
+    for p in train_files[::stride]:
+        chunks.update(splitter.findall(read_text(p)))
+    ranks_path = os.path.join(folder, "tokenizer.tiktoken")
+    write_ranks(train_bpe(chunks), ranks_path)
+    enc = make_encoding(ranks_path)
+    if verbose:
+        print(f"data: {len(files)} files in {data_dir}; tokenizer trained in {time.time() - t0:.1f}s")
+    meta = {"data_dir": data_dir, "files": len(files), "val_files": len(val_files)}
+    for split, paths in (("train", train_files), ("val", val_files)):
+        docs = enc.encode_ordinary_batch([read_text(p) for p in paths])
+        ids = np.fromiter((t for d in docs for t in d + [enc.eot_token]), dtype=np.uint16)
+        ids.tofile(os.path.join(folder, f"{split}.bin.tmp"))
+        os.replace(os.path.join(folder, f"{split}.bin.tmp"), os.path.join(folder, f"{split}.bin"))
+        meta[f"{split}_tokens"] = int(ids.size)
+        meta[f"{split}_bytes"] = sum(os.path.getsize(p) for p in paths)
+    with open(os.path.join(folder, "meta.json"), "w") as f:   # written last: marks the cache done
+        json.dump(meta, f, indent=1)
+    if verbose:
+        print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+              f"({meta['train_bytes'] / meta['train_tokens']:.2f} bytes/token) in {time.time() - t0:.1f}s -> {folder}")
+    return folder
+
+
+def get_encoding(folder):
+    return make_encoding(os.path.join(folder, "tokenizer.tiktoken"))
+
+
+def load_tokens(folder, split):
+    return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def get_batch(tokens, batch_size, block_size, generator):
+    """Random windows of block_size+1 tokens; the torch.Generator makes the order reproducible."""
+    ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
+    x = np.stack([tokens[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64)
+    x = torch.from_numpy(x)
+    return x[:, :-1], x[:, 1:]
+
+
+def main(argv):
+    cfg = parse_args(DataConfig, argv)
+    folder = prepare(cfg)
+    enc = get_encoding(folder)
+    sample = "def greet(name):\n    print(f\"héllo {name}!\")\n"
+    print(f"vocab {enc.n_vocab}; {sample!r} -> {[enc.decode([t]) for t in enc.encode(sample)]}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,355 @@
+"""
+A weight-sparse GPT (Gao et al., "Weight-sparse transformers have interpretable circuits", 2025).
+
+Notable features, each tied to the paper (../shared/METHOD.md section 1):
+- RMSNorm, pre-norm blocks, small heads (d_head 16), untied embedding and unembedding,
+  no positional embedding unless `learned_pos=True`.
+- AbsTopK on activations: keep the k = afrac * dim entries of largest |x| at 8 sites per layer.
+- An attention sink per head: a learnable logit b_h for an always-visible slot with zero value.
+- A dense bigram logit table: logits += bigram[current token]; never sparsified.
+- Weight sparsity: `project_weights` keeps the top-k |w| of every sparse parameter, with at
+  least `min_per_channel` weights kept in each output channel (row).
+- Named activation sites (the authors' names, `{i}.attn.q`, `{i}.mlp.post_act`, ...) that any
+  forward pass can record or rewrite through hooks `fn(x, name) -> x`:
+
+    with model.hooks({"0.mlp.post_act": lambda x, name: x * 0}):
+        logits, loss = model(idx, targets)
+    logits, cache = model.run_with_cache(idx, ["0.attn.v", "final_resid"])
+"""
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import UserError
+
+ALL_SPARSE_SITES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 2048
+    block_size: int = 256
+    n_layer: int = 4
+    d_model: int = 128
+    d_head: int = 16            # small heads, per the paper; n_head = d_model // d_head
+    mlp_ratio: int = 4          # d_mlp = mlp_ratio * d_model
+    afrac: float = 0.25         # AbsTopK keeps floor(afrac * dim) activations; 1.0 turns it off
+    sparse_sites: tuple = ALL_SPARSE_SITES  # site kinds where AbsTopK applies
+    learned_pos: bool = False   # learned absolute positional embedding ("roughly neutral")
+    bigram: bool = True         # dense vocab x vocab bigram logit table
+    sparse_biases: bool = True  # biases are top-k projected too (the paper says so; our choice)
+    min_per_channel: int = 4    # j: no output channel keeps fewer nonzero weights than this
+
+    def __post_init__(self):
+        self.sparse_sites = tuple(self.sparse_sites)
+        if not 0.0 < self.afrac <= 1.0:
+            raise ValueError(f"afrac={self.afrac} is outside (0, 1]")
+        if self.d_model % self.d_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of d_head={self.d_head}")
+        unknown = set(self.sparse_sites) - set(ALL_SPARSE_SITES)
+        if unknown:
+            raise ValueError(f"unknown sparse_sites {sorted(unknown)}; allowed: {', '.join(ALL_SPARSE_SITES)}")
+
+    @property
+    def n_head(self):
+        return self.d_model // self.d_head
+
+    @property
+    def d_mlp(self):
+        return self.mlp_ratio * self.d_model
+
+# -----------------------------------------------------------------------------
+# leaf pieces
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g: no mean subtraction, so zero stays special."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def abstopk(x, k):
+    """Keep the k entries of largest |x| along the last dim, zero the rest (gradient flows only
+    through the kept ones, since the rest are multiplied by a constant 0)."""
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+class Site(nn.Module):
+    """One named activation: AbsTopK if its kind is sparse, then an optional hook fn(x, name).
+    Pruning masks, mean ablation, recording and bridges all attach here."""
+
+    def __init__(self, kind, dim, config):
+        super().__init__()
+        self.kind = kind            # the authors' kind, e.g. "attn_q"
+        self.name = kind            # full name, e.g. "0.attn.q", set by GPT.__init__
+        self.k = int(config.afrac * dim) if (kind in config.sparse_sites and config.afrac < 1) else 0
+        self.hook = None
+
+    def forward(self, x):
+        if self.k:
+            x = abstopk(x, self.k)
+        if self.hook is not None:
+            x = self.hook(x, self.name)
+        return x
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        d, nh = config.d_model, config.n_head
+        self.n_head, self.d_head = nh, config.d_head
+        self.c_attn = nn.Linear(d, 3 * d)          # q, k, v for all heads, one matmul
+        self.c_proj = nn.Linear(d, d)
+        self.sink = nn.Parameter(torch.zeros(nh))  # per-head sink logit b_h, init 0
+        self.site_in = Site("attn_in", d, config)
+        self.site_q = Site("attn_q", d, config)    # AbsTopK over all heads jointly
+        self.site_k = Site("attn_k", d, config)
+        self.site_v = Site("attn_v", d, config)
+        self.site_out = Site("attn_out", d, config)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        nh, hs = self.n_head, self.d_head
+        x = self.site_in(x)
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.site_q(q), self.site_k(k), self.site_v(v)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = sink_attention(q, k, v, self.sink)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.site_out(self.c_proj(y))
+
+
+def sink_attention(q, k, v, sink):
+    """Causal attention with one extra slot per head whose logit is sink[h] and whose value is 0:
+    softmax denominator gets + exp(b_h) (the "off-by-one" softmax).
+    Done inside fused SDPA: one extra head dim carries the sink logit (q_aug=[q,1], sink key
+    [0, b*sqrt(hs)], real keys [k,0]), and the sink slot is prepended to keys and (dummy) queries
+    so that is_causal's top-left alignment still lets query t see keys 0..t plus the sink."""
+    B, nh, T, hs = q.shape
+    pad = 8 if q.is_cuda else 1  # GPU flash kernels want head dims that are multiples of 8
+    ones, zeros = q.new_ones(B, nh, T, 1), q.new_zeros(B, nh, T, pad)
+    sink_key = torch.cat([q.new_zeros(nh, hs), (sink * math.sqrt(hs)).to(q.dtype)[:, None],
+                          q.new_zeros(nh, pad - 1)], 1).expand(B, nh, hs + pad).unsqueeze(2)
+    slot = q.new_zeros(B, nh, 1, hs + pad)
+    q = torch.cat([slot, torch.cat([q, ones, zeros[..., 1:]], -1)], 2)     # (B, nh, T+1, hs+pad)
+    k = torch.cat([sink_key, torch.cat([k, zeros], -1)], 2)
+    v = torch.cat([slot, torch.cat([v, zeros], -1)], 2)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hs))
+    return y[:, :, 1:, :hs]
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.d_mlp)
+        self.c_proj = nn.Linear(config.d_mlp, config.d_model)
+        self.site_in = Site("mlp_in", config.d_model, config)
+        self.site_neuron = Site("mlp_neuron", config.d_mlp, config)
+        self.site_out = Site("mlp_out", config.d_model, config)
+
+    def forward(self, x):
+        x = self.site_neuron(F.gelu(self.c_fc(self.site_in(x))))
+        return self.site_out(self.c_proj(x))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = RMSNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = RMSNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))   # pre-norm
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+# the authors' site names, by kind
+SITE_SUFFIX = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
+               "attn_out": "attn.resid_delta", "mlp_in": "mlp.act_in", "mlp_neuron": "mlp.post_act",
+               "mlp_out": "mlp.resid_delta"}
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_model) if config.learned_pos else None
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.d_model)
+        self.site_final = Site("final_resid", config.d_model, config)  # residual stream before norm_f
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # untied
+        self.bigram = nn.Parameter(torch.zeros(config.vocab_size, config.vocab_size)) if config.bigram else None
+        self.sites = {}
+        for i, block in enumerate(self.blocks):
+            for site in block.modules():
+                if isinstance(site, Site):
+                    site.name = f"{i}.{SITE_SUFFIX[site.kind]}"
+                    self.sites[site.name] = site
+        self.site_final.name = "final_resid"
+        self.sites["final_resid"] = self.site_final
+        # init per the authors' code: N(0, 0.02), output projections scaled by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+            elif p.dim() == 2 and p is not self.bigram:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith("bias") or name.endswith("sink"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm_f(self.site_final(x)))
+        if self.bigram is not None:
+            logits = logits + self.bigram[idx]   # logits += bigram[current token]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- activation sites: record and rewrite ----
+
+    @contextmanager
+    def hooks(self, fns):
+        """Install fn(x, name) -> x at the named sites for the length of the block."""
+        unknown = [n for n in fns if n not in self.sites]
+        if unknown:
+            raise KeyError(f"unknown site(s) {unknown}; sites are e.g. {list(self.sites)[:9]} ... 'final_resid'")
+        try:
+            for name, fn in fns.items():
+                self.sites[name].hook = fn
+            yield self
+        finally:
+            for name in fns:
+                self.sites[name].hook = None
+
+    def run_with_cache(self, idx, names=None):
+        """Forward pass that also returns {site name: activation} for the named (default: all) sites."""
+        cache = {}
+
+        def record(x, name):
+            cache[name] = x.detach()
+            return x
+
+        with self.hooks({n: record for n in (names or self.sites)}):
+            logits, _ = self(idx)
+        return logits, cache
+
+    # ---- weight sparsity ----
+
+    def sparse_params(self):
+        """(name, parameter) pairs that the top-k projection acts on: every matrix, the embeddings
+        and the unembedding, and biases if config.sparse_biases. Not the bigram, norms or sinks."""
+        out = []
+        for name, p in self.named_parameters():
+            if p is self.bigram or name.endswith("sink") or "norm" in name:
+                continue
+            if p.dim() == 2 or (name.endswith("bias") and self.config.sparse_biases):
+                out.append((name, p))
+        return out
+
+    @torch.no_grad()
+    def project_weights(self, frac):
+        """Weight top-k projection: keep the nonzero target of every sparse parameter (see
+        target_nonzeros), each row's top-min_per_channel first. Returns the total nonzeros kept."""
+        kept = 0
+        for _, p in self.sparse_params():
+            k = target_nonzeros(p.shape, frac, self.config.min_per_channel)
+            if k < p.numel():
+                p.mul_(topk_weight_mask(p, k, self.config.min_per_channel))
+            kept += k
+        return kept
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- checkpoints and sampling ----
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        ckpt = load_checkpoint(path, device)
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+# -----------------------------------------------------------------------------
+# weight top-k helpers (module level so tests and bench.py can call them on any tensor)
+
+def target_nonzeros(shape, frac, min_per_channel):
+    """Nonzeros a parameter keeps at L0 fraction frac: round(frac * numel), but never fewer than
+    min_per_channel per row (a 1-D bias has no rows: at least 1) and never more than numel."""
+    numel = math.prod(shape)
+    floor = min(shape[0] * min_per_channel, numel) if len(shape) == 2 else 1
+    return min(numel, max(round(frac * numel), floor))
+
+
+def topk_weight_mask(w, k, min_per_channel):
+    """0/1 mask keeping exactly k entries of w: each row's top-min_per_channel |w| first, then the
+    largest |w| of the rest. kthvalue + tie fill instead of a full sort (O(n), see bench.py)."""
+    score = w.detach().abs().float()
+    if w.dim() == 2 and min_per_channel > 0:
+        top = score.topk(min(min_per_channel, w.shape[1]), dim=1).indices
+        score.scatter_(1, top, float("inf"))       # guaranteed keepers sort above everything
+    flat = score.flatten()
+    n = flat.numel()
+    threshold = flat.kthvalue(n - k).values          # (n-k)-th smallest: > threshold are <= k
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:                                  # ties at the threshold: take the first ones
+        ties = (flat == threshold).nonzero().squeeze(1)[:missing]
+        mask[ties] = True
+    return mask.view_as(w).to(w.dtype)
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load with a one-line error for anything that is not one of our checkpoints."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist")
+    except Exception as e:
+        raise UserError(f"{path} is not a sparse-circuits checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} is not a sparse-circuits checkpoint (no model_config/model)")
+    return ckpt
+

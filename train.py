@@ -1,0 +1,358 @@
+"""
+Annealed weight-sparse training (METHOD.md section 2), and dense baselines, nanoGPT style.
+
+    python train.py                                  # GPU preset if CUDA is there, else the CPU preset
+    python train.py --preset=cpu --l0_frac=1 --afrac=1 --out_dir=out/dense   # the dense twin
+    python train.py --out_dir=out/cpu --resume=True  # continue an interrupted run exactly
+    torchrun --standalone --nproc_per_node=2 train.py --preset=cpu   # DDP (gloo on CPU, nccl on GPU)
+    python train.py --help                           # every setting; override any with --key=value
+
+Each step: forward/backward, global gradient-RMS normalization, Adam(0.9, 0.95, eps 0.1) with
+decoupled weight decay on matrices, then the weight top-k projection at the annealed L0 fraction.
+The learning rate follows the "sharkfin": warmup, linear decay, times sqrt(L0_target / L0_now).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from config import UserError, parse_args, run_main
+from sparse_gpt import ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "cpu"            # cpu | gpu: the defaults below are the cpu preset (see PRESETS)
+    out_dir: str = "out/cpu"
+    resume: bool = False           # continue from out_dir/ckpt.pt
+    data_dir: str = ""             # folder of .py files; empty = this Python's standard library
+    seed: int = 1337
+    # run length and logging
+    max_iters: int = 900
+    stop_iter: int = 0             # stop after this step as if interrupted (0 = run to max_iters)
+    eval_interval: int = 150       # val loss, samples and a checkpoint every this many steps
+    eval_iters: int = 20
+    log_interval: int = 25
+    sample_tokens: int = 48        # sampled continuation printed at each evaluation (0 = none)
+    # batch
+    batch_size: int = 32
+    block_size: int = 256
+    gradient_accumulation_steps: int = 1
+    # model (sparse_gpt.GPTConfig)
+    n_layer: int = 4
+    d_model: int = 128
+    d_head: int = 16
+    mlp_ratio: int = 4
+    afrac: float = 0.25            # AbsTopK fraction at the 8 sites; 1 = off
+    sparse_sites: tuple = ALL_SPARSE_SITES  # where AbsTopK applies (comma-separated on the command line)
+    learned_pos: bool = False
+    bigram: bool = True
+    sparse_biases: bool = True
+    min_per_channel: int = 4
+    # weight sparsity and its anneal
+    l0_frac: float = 0.125         # target fraction of nonzero weights; 1 = dense
+    anneal_start: float = 0.01     # dense until this fraction of training ...
+    anneal_end: float = 0.5        # ... then linear in L0 fraction down to l0_frac by this one
+    # optimizer
+    learning_rate: float = 1e-2    # base LR of the sharkfin (at the target L0)
+    warmup_frac: float = 0.01
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 0.1               # large on purpose (authors' code)
+    # system
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast on CUDA)
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise UserError(f"--preset={self.preset} is unknown; allowed: {', '.join(PRESETS)}")
+        if not 0.0 < self.l0_frac <= 1.0:
+            raise UserError(f"--l0_frac={self.l0_frac} is outside (0, 1]")
+        if not 0.0 < self.afrac <= 1.0:
+            raise UserError(f"--afrac={self.afrac} is outside (0, 1]")
+        if not 0.0 <= self.anneal_start <= self.anneal_end <= 1.0:
+            raise UserError(f"anneal_start={self.anneal_start}, anneal_end={self.anneal_end}: "
+                            "need 0 <= anneal_start <= anneal_end <= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
+        for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
+                    "block_size", "gradient_accumulation_steps", "n_layer"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"--{key}={getattr(self, key)} must be positive")
+        if self.stop_iter < 0 or self.stop_iter > self.max_iters:
+            raise UserError(f"--stop_iter={self.stop_iter} is outside [0, max_iters={self.max_iters}]")
+
+    def model_config(self):
+        fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+        return GPTConfig(vocab_size=data.VOCAB_SIZE, **{k: getattr(self, k) for k in fields})
+
+
+# presets: overrides of the defaults above. The cpu preset is the defaults (a 2-core laptop,
+# under 15 minutes); the gpu preset is a bigger model for one GPU.
+PRESETS = {
+    "cpu": {},
+    "gpu": dict(out_dir="out/gpu", max_iters=20000, eval_interval=1000, eval_iters=50, log_interval=100,
+                batch_size=64, n_layer=8, d_model=512, l0_frac=1 / 32, learning_rate=1e-2,
+                dtype="bfloat16", compile=True),
+}
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"] + ["block_size"]
+
+# -----------------------------------------------------------------------------
+# schedules (METHOD.md section 2)
+
+def l0_at(step, cfg):
+    """Kept fraction of weights at step: 1) dense until anneal_start  2) linear to l0_frac by
+    anneal_end  3) hold."""
+    t = step / cfg.max_iters
+    if t <= cfg.anneal_start:
+        return 1.0
+    if t >= cfg.anneal_end:
+        return cfg.l0_frac
+    return 1.0 + (cfg.l0_frac - 1.0) * (t - cfg.anneal_start) / (cfg.anneal_end - cfg.anneal_start)
+
+
+def lr_at(step, cfg):
+    """Sharkfin: base_lr * D(t) * sqrt(L0_target / L0_now), D = linear warmup then linear decay to 0."""
+    warmup = max(1, round(cfg.warmup_frac * cfg.max_iters))
+    if step < warmup:
+        decay = (step + 1) / warmup
+    else:
+        decay = (cfg.max_iters - step) / max(1, cfg.max_iters - warmup)
+    return cfg.learning_rate * decay * math.sqrt(cfg.l0_frac / l0_at(step, cfg))
+
+# -----------------------------------------------------------------------------
+# optimizer and the step
+
+def make_optimizer(model, cfg):
+    """Adam with decoupled weight decay on matrices only (not the bigram table, biases, gains, sinks)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() == 2 and p is not model.bigram else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+@torch.no_grad()
+def normalize_grad_rms(params):
+    """Rescale all gradients together so their global RMS (L2 norm / sqrt(#params)) is 1."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    rms = norm / math.sqrt(sum(g.numel() for g in grads))
+    torch._foreach_mul_(grads, 1.0 / (rms + 1e-12))
+    return rms
+
+
+def optimizer_step(model, optimizer, step, cfg, scaler=None):
+    """Everything after backward: grad-RMS normalization, the Adam step at the sharkfin LR, then
+    the weight top-k projection at the annealed L0. model is the raw (unwrapped) GPT."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    normalize_grad_rms(model.parameters())
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    frac = l0_at(step + 1, cfg)   # the fraction the weights must have from here on
+    if frac < 1.0:
+        model.project_weights(frac)
+    return lr, frac
+
+
+def batch_for(tokens, step, micro, cfg, rank=0):
+    """The batch of (step, micro-step, rank) depends on nothing else, so a resumed run sees
+    exactly the data the uninterrupted one would have."""
+    gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+    return data.get_batch(tokens, cfg.batch_size, cfg.block_size, gen)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, autocast):
+    """Mean loss over eval_iters fixed batches per split (the same batches at every evaluation)."""
+    model.eval()
+    out = {}
+    for name, tokens in splits.items():
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = data.get_batch(tokens, cfg.batch_size, cfg.block_size, gen)
+            with autocast:
+                losses.append(model(x.to(cfg.device), y.to(cfg.device))[1].item())
+        out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def sparsity_report(model, frac):
+    """(parameters at exactly their target nonzeros, parameters, fewest nonzeros in any row)."""
+    exact, params, fewest = 0, 0, None
+    for _, p in model.sparse_params():
+        target = target_nonzeros(p.shape, frac, model.config.min_per_channel)
+        exact += int(torch.count_nonzero(p)) == target
+        params += 1
+        if p.dim() == 2:
+            row_min = int((p != 0).sum(1).min())
+            fewest = row_min if fewest is None else min(fewest, row_min)
+    return exact, params, fewest
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, extra):
+    """Atomic: write a temp file, then rename over the old checkpoint."""
+    ckpt = {"format": "sparse-circuits/1", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+            "train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config), **extra}
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+# -----------------------------------------------------------------------------
+# configuration from the command line
+
+def config_from_args(argv):
+    """Defaults -> preset (cpu, or gpu when CUDA is there) -> --key=value. With --resume=True the
+    checkpoint's saved settings are the base instead, and the model shape may not change."""
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
+    preset = preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    if preset not in PRESETS:
+        raise UserError(f"--preset={preset} is unknown; allowed: {', '.join(PRESETS)}")
+    cfg = parse_args(TrainConfig, argv, base=TrainConfig(preset=preset, **PRESETS[preset]))
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        saved = load_checkpoint(ckpt_path)
+        if "train_config" not in saved:
+            raise UserError(f"{ckpt_path} is not a train.py checkpoint (no train_config)")
+        base = TrainConfig(**{**saved["train_config"], "resume": True, "stop_iter": 0})
+        cfg = parse_args(TrainConfig, argv, base=base)
+        changed = [k for k in MODEL_KEYS if getattr(cfg, k) != getattr(base, k)]
+        if changed:
+            raise UserError(f"--resume cannot change the model shape ({', '.join(changed)}) of {ckpt_path}")
+    elif os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
+    return cfg
+
+# -----------------------------------------------------------------------------
+# the run
+
+def train(cfg):
+    """Train (or resume) per cfg; returns [(step, train loss)] of the steps this call ran."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg.device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={cfg.device} but CUDA is not available; use --device=cpu")
+    torch.manual_seed(cfg.seed)
+
+    folder = data.prepare(data.DataConfig(data_dir=cfg.data_dir), verbose=master)
+    enc = data.get_encoding(folder)
+    train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
+
+    model = GPT(cfg.model_config()).to(cfg.device)
+    optimizer = make_optimizer(model, cfg)
+    use_scaler = cfg.dtype == "float16" and cfg.device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    start, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, cfg.device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["step"]
+        log(f"resuming {ckpt_path} at step {start}")
+    elif master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    if master:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    n_sparse = sum(p.numel() for _, p in model.sparse_params())
+    log(f"model: {model.num_params():,} parameters, {n_sparse:,} sparsifiable; target L0 {cfg.l0_frac:g}, "
+        f"AbsTopK {cfg.afrac:g}; {world} process(es) on {cfg.device}")
+
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if cfg.device.startswith("cuda") else None)
+    autocast = (torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
+                if cfg.device.startswith("cuda") and cfg.dtype != "float32" else nullcontext())
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
+    stop = cfg.stop_iter or cfg.max_iters
+    history, t0 = [], time.time()
+    t_log, steps_since = t0, start   # for the rate since the last progress line
+
+    for step in range(start, stop):
+        # one step: accumulate gradients over micro-batches (DDP syncs on the last one only)
+        loss_sum = 0.0
+        for micro in range(cfg.gradient_accumulation_steps):
+            x, y = batch_for(train_tokens, step, micro, cfg, rank)
+            x, y = x.to(cfg.device), y.to(cfg.device)
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with (model.no_sync() if ddp and not last else nullcontext()), autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.gradient_accumulation_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += loss.item()
+        lr, frac = optimizer_step(raw, optimizer, step, cfg, scaler)
+        history.append((step, loss_sum))
+
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == stop:
+            dt, t_log, steps_since = (time.time() - t_log) / (done - steps_since), time.time(), done
+            log(f"step {done:5d} | loss {loss_sum:.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
+                f"{tokens_per_step / dt:7.0f} tok/s | {dt * 1000:6.1f} ms/step")
+        if done % cfg.eval_interval == 0 or done == stop:
+            losses = estimate_loss(raw, {"train": train_tokens, "val": val_tokens}, cfg, autocast)
+            log(f"eval {done}: train {losses['train']:.4f} | val {losses['val']:.4f}")
+            if master and cfg.sample_tokens:
+                prompt = torch.tensor([enc.encode("def ")], device=cfg.device)
+                torch.manual_seed(cfg.seed + done)
+                sample = raw.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50)
+                log("sample: " + repr(enc.decode(sample[0].tolist()))[:400])
+            if master:
+                save_checkpoint(ckpt_path, raw, optimizer, scaler, done, cfg,
+                                {"val_loss": losses["val"], "data": folder})
+    if master:
+        exact, params, fewest = sparsity_report(raw, l0_at(stop, cfg))
+        log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros "
+            f"(L0 {l0_at(stop, cfg):.4f}); fewest nonzeros in a row: {fewest} (min {cfg.min_per_channel})")
+        log(f"done: {len(history)} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
+    if ddp:
+        dist.destroy_process_group()
+    return history
+
+
+def main(argv):
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
+    cfg = config_from_args(argv)
+    why = "asked for" if preset else ("CUDA found" if cfg.preset == "gpu" else "no CUDA")
+    print(f"preset {cfg.preset} ({why})\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    run_main(main)
