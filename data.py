@@ -139,7 +139,8 @@ def read_ranks(path):
 def make_encoding(ranks_path):
     ranks = read_ranks(ranks_path)
     if len(ranks) != VOCAB_SIZE - 1:
-        raise ValueError(f"{ranks_path} has {len(ranks)} ranks, expected {VOCAB_SIZE - 1}")
+        raise UserError(f"{ranks_path} has {len(ranks)} tokens, not {VOCAB_SIZE - 1}: "
+                        "the data folder holds too little text to train the tokenizer")
     return tiktoken.Encoding(name="sparse_circuits_py2048", pat_str=SPLIT_PATTERN,
                              mergeable_ranks=ranks, special_tokens={EOT: VOCAB_SIZE - 1})
 

@@ -38,10 +38,10 @@ class TrainConfig:
     data_dir: str = ""             # folder of .py files; empty = this Python's standard library
     seed: int = 1337
     # run length and logging
-    max_iters: int = 900
+    max_iters: int = 800
     stop_iter: int = 0             # stop after this step as if interrupted (0 = run to max_iters)
-    eval_interval: int = 150       # val loss, samples and a checkpoint every this many steps
-    eval_iters: int = 20
+    eval_interval: int = 200       # val loss, samples and a checkpoint every this many steps
+    eval_iters: int = 10
     log_interval: int = 25
     sample_tokens: int = 48        # sampled continuation printed at each evaluation (0 = none)
     # batch
@@ -64,7 +64,7 @@ class TrainConfig:
     anneal_start: float = 0.01     # dense until this fraction of training ...
     anneal_end: float = 0.5        # ... then linear in L0 fraction down to l0_frac by this one
     # optimizer
-    learning_rate: float = 1e-2    # base LR of the sharkfin (at the target L0)
+    learning_rate: float = 3e-2    # base LR of the sharkfin (at the target L0)
     warmup_frac: float = 0.01
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -93,6 +93,10 @@ class TrainConfig:
                 raise UserError(f"--{key}={getattr(self, key)} must be positive")
         if self.stop_iter < 0 or self.stop_iter > self.max_iters:
             raise UserError(f"--stop_iter={self.stop_iter} is outside [0, max_iters={self.max_iters}]")
+        try:
+            self.model_config()      # the model's own checks (d_head divides d_model, site names)
+        except ValueError as e:
+            raise UserError(str(e))
 
     def model_config(self):
         fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
@@ -336,6 +340,12 @@ def train(cfg):
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, scaler, done, cfg,
                                 {"val_loss": losses["val"], "data": folder})
+    if ddp:   # every rank must hold the same weights: gather them all and compare
+        flat = torch.cat([p.detach().flatten() for p in raw.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        same = all(torch.equal(g, gathered[0]) for g in gathered)
+        log(f"ddp: weights {'identical' if same else 'DIFFER'} on all {world} ranks")
     if master:
         exact, params, fewest = sparsity_report(raw, l0_at(stop, cfg))
         log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros "
