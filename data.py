@@ -15,12 +15,11 @@ import base64
 import hashlib
 import json
 import os
-import sys
 import sysconfig
 import time
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -4,10 +4,13 @@ The tests: the math of each piece, and the promises a user relies on.
     python -m pytest -q test_all.py
 """
 
+import dataclasses
+import json
 import math
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 from collections import Counter
 
@@ -18,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 import data
+import prune
 import tasks
 import train
 from config import UserError, parse_args
+from tasks import Prompt, make_prompts
 from sparse_gpt import GPT, GPTConfig, RMSNorm, abstopk, sink_attention, target_nonzeros, topk_weight_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -162,7 +167,7 @@ def test_l0_and_lr_schedules_at_breakpoints():
     assert train.lr_at(9, cfg) == pytest.approx(0.01 * math.sqrt(1 / 16))
     assert train.lr_at(500, cfg) == pytest.approx(0.01 * 500 / 990)
     assert train.lr_at(1000, cfg) == 0.0
-    dense = train.TrainConfig(max_iters=1000, l0_frac=1.0, afrac=1.0)
+    dense = train.TrainConfig(max_iters=1000, l0_frac=1.0, afrac=1.0, learning_rate=0.01)
     assert train.lr_at(300, dense) == pytest.approx(0.01 * 700 / 990)
 
 
@@ -410,3 +415,280 @@ def test_evaluation_table_from_a_checkpoint(tmp_path, tiny_gpt, capsys):
     rows = [line.split() for line in lines[2:22]]
     assert [r[0] for r in rows] == list(tasks.TASKS) and all(r[1] == "4" for r in rows)
     assert lines[-2].startswith("mean") and lines[-1].startswith("solved (loss <= 0.15")
+
+# -----------------------------------------------------------------------------
+# pruning
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    config = GPTConfig(**{**dict(vocab_size=2048, block_size=256, n_layer=2, d_model=32, d_head=16), **kw})
+    model = GPT(config)
+    model.project_weights(0.25)                  # sparse, as a trained model is: some edges are absent
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny model as a checkpoint: it 'solves' a task only at a lax target (its loss ~ log 2)."""
+    model = tiny_model()
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                "train_config": {"data_dir": ""}}, path)
+    return str(path)
+
+
+def open_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def fast_args(ckpt, out_dir, *extra):
+    return [f"--ckpt={ckpt}", f"--out_dir={out_dir}", "--steps=3", "--n_train=32", "--n_eval=16", "--n_test=16",
+            "--mean_batches=1", "--mean_batch_size=2", "--device=cpu", *extra]
+
+# -----------------------------------------------------------------------------
+# masks and ablation
+
+
+def test_heaviside_mask_is_0_1_forward_and_sigmoid_gradient_backward():
+    tau = torch.tensor([-0.7, -1e-6, 0.0, 1e-6, 0.3, 1.0], requires_grad=True)
+    m = prune.HeavisideST.apply(tau)
+    assert m.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]             # exactly 0/1: H(0) = 0
+    upstream = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0, 2.0])
+    (m * upstream).sum().backward()
+    s = torch.sigmoid(tau.detach())
+    torch.testing.assert_close(tau.grad, upstream * s * (1 - s), rtol=0, atol=0)
+
+
+def test_mean_ablated_node_holds_exactly_its_mean_and_kept_nodes_pass_through():
+    model = tiny_model()
+    idx = torch.randint(0, 2048, (3, 12))
+    gen = torch.Generator().manual_seed(1)
+    sites = prune.node_sites(model)
+    means = {s: torch.randn(prune.dim_of(model, s), generator=gen) for s in sites}
+    masks = {s: (torch.rand(prune.dim_of(model, s), generator=gen) < 0.5).float() for s in sites}
+    hooks, seen = prune.ablation_hooks(masks, means), {}
+
+    def recording(x, name):
+        seen[name] = (x, hooks[name](x, name))
+        return seen[name][1]
+    with model.hooks({s: recording for s in sites}):
+        model(idx)
+    for s in sites:
+        x_in, x_out = seen[s]
+        off, on = masks[s] == 0, masks[s] == 1
+        assert torch.equal(x_out[..., off], means[s][off].expand(3, 12, -1)), s    # bit for bit
+        assert torch.equal(x_out[..., on], x_in[..., on]), s
+    # all kept: the hooks change nothing at all
+    plain = model(idx)[0]
+    with model.hooks(prune.ablation_hooks({s: torch.ones_like(m) for s, m in masks.items()}, means)):
+        assert torch.equal(model(idx)[0], plain)
+
+
+def test_top_k_masks_keep_the_largest_taus_and_tied_qk_share_one_unit():
+    model = tiny_model(n_layer=1)
+    cfg = prune.PruneConfig(tie_qk=True)
+    taus = prune.init_taus(model, cfg, "cpu")
+    assert taus["0.attn.k"] is taus["0.attn.q"]
+    with torch.no_grad():
+        for i, t in enumerate(prune.unique(taus)):
+            t.copy_(torch.linspace(-1, 1, t.numel()) + 0.001 * i)
+    units = prune.unique(taus)
+    n = sum(t.numel() for t in units)
+    assert n == 11 * 32 - 32                                          # 8 sites, the neurons 4x, k tied to q
+    masks = prune.top_k_masks(taus, 5)
+    flat = torch.cat([t.detach() for t in units])
+    kept = torch.cat([masks[name] for name in dict.fromkeys(n for n in masks if not n.endswith(".attn.k"))])
+    assert int(kept.sum()) == 5 and flat[kept == 1].min() >= flat[kept == 0].max()
+    assert torch.equal(masks["0.attn.q"], masks["0.attn.k"])
+    assert prune.node_count(masks) == 5 + int(masks["0.attn.q"].sum())   # a tied unit is two nodes
+
+
+def test_frozen_norms_change_nothing_on_the_full_model_and_pin_the_scale_of_a_pruned_one():
+    model = tiny_model()
+    idx = torch.randint(0, 2048, (2, 10))
+    ms = prune.norm_mean_squares(model, idx)
+    assert len(ms) == 2 * 2 + 1                                       # norm1, norm2 per block, norm_f
+    with prune.frozen_norms(model, ms):
+        torch.testing.assert_close(model(idx)[0], GPT.forward(model, idx)[0], rtol=0, atol=1e-6)
+    # zero the whole residual stream's writes at layer 0: with frozen norms the later norms'
+    # outputs shrink with it instead of being scaled back up
+    zero = {"0.attn.resid_delta": lambda x, name: 0.01 * x, "0.mlp.resid_delta": lambda x, name: 0.01 * x}
+    got = {}
+    with model.hooks({**zero, "1.attn.act_in": lambda x, name: got.setdefault("free", x)}):
+        model(idx)
+    with model.hooks({**zero, "1.attn.act_in": lambda x, name: got.setdefault("frozen", x)}):
+        with prune.frozen_norms(model, ms):
+            model(idx)
+    assert got["frozen"].norm() < got["free"].norm()
+
+# -----------------------------------------------------------------------------
+# edges, bisection
+
+
+def test_edges_on_a_hand_built_model_are_exactly_the_nonzero_weights_between_kept_nodes():
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, d_model=16, d_head=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+        attn.c_attn.weight[2, 5] = 0.5             # act_in 5 -> q 2
+        attn.c_attn.weight[16 + 3, 5] = -1.0       # act_in 5 -> k 3
+        attn.c_attn.weight[32 + 7, 1] = 2.0        # act_in 1 -> v 7
+        attn.c_attn.weight[32 + 7, 9] = 3.0        # act_in 9 (not kept) -> v 7: no edge
+        attn.c_attn.weight[32 + 8, 1] = 3.0        # act_in 1 -> v 8 (not kept): no edge
+        attn.c_proj.weight[4, 7] = 0.25            # v 7 -> attn out 4
+        mlp.c_fc.weight[10, 4] = 1.5               # mlp in 4 -> neuron 10
+        mlp.c_proj.weight[6, 10] = -0.75           # neuron 10 -> mlp out 6
+        mlp.c_proj.weight[8, 10] = 0.1             # neuron 10 -> mlp out 8 (not kept): no edge
+    kept = {"0.attn.act_in": [1, 5, 9 - 9], "0.attn.q": [2], "0.attn.k": [3, 4], "0.attn.v": [7],
+            "0.attn.resid_delta": [4], "0.mlp.act_in": [4], "0.mlp.post_act": [10, 11], "0.mlp.resid_delta": [6]}
+    keep = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
+    for s, idx in kept.items():
+        keep[s][idx] = 1.0
+    edges = prune.circuit_edges(model, keep)
+    assert sorted(edges) == sorted([
+        ("0.attn.act_in", 5, "0.attn.q", 2, 0.5), ("0.attn.act_in", 5, "0.attn.k", 3, -1.0),
+        ("0.attn.act_in", 1, "0.attn.v", 7, 2.0), ("0.attn.v", 7, "0.attn.resid_delta", 4, 0.25),
+        ("0.mlp.act_in", 4, "0.mlp.post_act", 10, 1.5), ("0.mlp.post_act", 10, "0.mlp.resid_delta", 6, -0.75)])
+
+
+def test_bisection_finds_the_smallest_k_meeting_the_target():
+    calls = []
+
+    def loss_at(k):                       # falls with k; <= 0.15 first at k = 6 (1/7 = 0.143)
+        calls.append(k)
+        return 1.0 / (1 + k)
+    for hi in (None, 50, 6, 3):           # a hint that meets the target, or one that does not
+        calls.clear()
+        assert prune.bisect_k(loss_at, 100, 0.15, hi=hi) == 6
+        assert len(calls) <= 2 + math.ceil(math.log2(102))
+    assert prune.bisect_k(loss_at, 100, 2.0) == 0                 # the empty circuit already meets it
+    assert prune.bisect_k(loss_at, 100, 0.001) is None            # not even everything kept does
+    steps = [0.9] * 37 + [0.1] * 64                               # a step function: the answer is 37
+    assert prune.bisect_k(lambda k: steps[k], 100, 0.15, hi=80) == 37
+
+
+def answer_model():
+    """A hand-built model whose answer runs through exactly 4 nodes: token 10 or 11 writes +-1 on
+    residual channel 0; mlp.act_in 0 -> neurons 5 = gelu(x) and 6 = gelu(-x) -> mlp.resid_delta 1,
+    which alone the unembedding reads: +-7.8 on the answers 12 vs 13. Everything else is zero."""
+    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, d_model=16, d_head=16))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.zero_()
+        model.wte.weight[10, 0], model.wte.weight[11, 0] = 1.0, -1.0
+        mlp = model.blocks[0].mlp
+        mlp.c_fc.weight[5, 0], mlp.c_fc.weight[6, 0] = 1.0, -1.0
+        mlp.c_proj.weight[1, 5], mlp.c_proj.weight[1, 6] = 1.0, -1.0
+        model.lm_head.weight[12, 1], model.lm_head.weight[13, 1] = 1.0, -1.0
+    prompts = [Prompt([t], c, a, t - 10) for t, c, a in ((10, 12, 13), (11, 13, 12))] * 8
+    return model.eval().requires_grad_(False), prompts
+
+
+CARRIERS = {("0.mlp.act_in", 0), ("0.mlp.post_act", 5), ("0.mlp.post_act", 6), ("0.mlp.resid_delta", 1)}
+
+
+def test_bisection_on_a_model_with_a_known_circuit_and_masks_that_learn_it():
+    model, prompts = answer_model()
+    cfg = prune.PruneConfig(target_loss=0.15, eval_batch_size=8, steps=200, batch_size=16)   # the paper's settings
+    batches = prune.make_batches(model, prompts, "cpu", cfg)
+    zeros = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
+    taus = prune.init_taus(model, cfg, "cpu")
+    with torch.no_grad():                       # rank the carriers first, in a known order
+        for t in prune.unique(taus):
+            t.fill_(-0.5)
+        for r, (s, i) in enumerate(sorted(CARRIERS, key=str)):
+            taus[s][i] = 0.9 - 0.1 * r
+    keep, k, curve = prune.find_circuit(model, taus, batches, zeros, cfg)
+    assert k == 4 and curve[3][1] > 0.3 and curve[4][1] < 0.01     # 3 carriers: half the prompts at chance
+    assert {(s, i) for s, m in keep.items() for i in m.nonzero()[:, 0].tolist()} == CARRIERS
+    assert sorted(prune.circuit_edges(model, keep)) == [
+        ("0.mlp.act_in", 0, "0.mlp.post_act", 5, 1.0), ("0.mlp.act_in", 0, "0.mlp.post_act", 6, -1.0),
+        ("0.mlp.post_act", 5, "0.mlp.resid_delta", 1, 1.0), ("0.mlp.post_act", 6, "0.mlp.resid_delta", 1, -1.0)]
+    # the mask optimization itself keeps the carriers (tau > 0) and drops the rest
+    taus = prune.train_masks(model, prompts, zeros, cfg, "cpu", log=lambda *a: None)
+    assert {(s, i) for s, t in taus.items() for i in (t > 0).nonzero()[:, 0].tolist()} == CARRIERS
+
+def test_length_sorted_micro_batches_give_the_batch_gradient(corpus):
+    _, enc = corpus
+    model = tiny_model()
+    prompts = make_prompts("else_elif", enc, 32, 0, "train")         # lengths vary: padding differs
+    means = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
+    grads = []
+    for micro in (1, 4):
+        cfg = prune.PruneConfig(steps=1, batch_size=32, micro_batches=micro, lr=0.0, tau_std=0.5)
+        taus = prune.train_masks(model, prompts, means, cfg, "cpu", log=lambda *a: None)
+        grads.append(torch.cat([t.grad for t in prune.unique(taus)]))   # the last (only) step's gradient
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+# -----------------------------------------------------------------------------
+# records, pictures, the script
+
+
+def test_record_round_trips_through_json_and_rebuilds_the_same_circuit(tmp_path, corpus):
+    _, enc = corpus
+    model = tiny_model()
+    cfg = prune.PruneConfig(ckpt="none", eval_batch_size=16)
+    test_batches = prune.make_batches(model, make_prompts("for_while", enc, 16, 0, "test"), "cpu", cfg)
+    means = prune.task_means(model, test_batches)
+    taus = prune.init_taus(model, cfg, "cpu")
+    with torch.no_grad():
+        for t in prune.unique(taus):
+            t.normal_()
+    keep = prune.top_k_masks(taus, 60)
+    curve = {0: (0, 0.7), 60: (60, 0.5), 640: (640, 0.6)}
+    rec = prune.circuit_record(model, "for_while", taus, keep, 60, curve, means, cfg)
+    rec["losses"] = prune.checks(model, keep, test_batches, test_batches, means, cfg)
+    assert rec["n_nodes"] == 60 and rec["n_edges"] > 0
+    assert sum(rec["edges_by_type"].values()) == rec["n_edges"] and sum(rec["nodes_by_kind"].values()) == 60
+    base = prune.write_outputs(rec, str(tmp_path))
+    loaded = json.loads(open_text(base + ".json"))
+    assert loaded == json.loads(json.dumps(rec))
+    assert loaded["nodes"] == rec["nodes"] and loaded["edges"] == rec["edges"]      # floats exactly
+    masks = prune.circuit_masks(model, loaded)
+    assert all(torch.equal(masks[s], keep[s]) for s in keep)
+    assert [tuple(e.values()) for e in loaded["edges"]] == prune.circuit_edges(model, masks)
+    loss = prune.readout_loss(*prune.eval_logits(model, test_batches, masks, means), False)
+    assert loss == loaded["losses"]["circuit"]
+    # the pictures: well-formed SVG, one dot per node, one line per edge (plus axes, rows, residual lines)
+    svg = ET.parse(base + ".svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(svg.findall(f"{ns}circle")) == 60
+    assert sum(1 for l in svg.findall(f"{ns}line") if l.find(f"{ns}title") is not None) == rec["n_edges"]
+    curve = ET.parse(base + "_loss.svg").getroot()
+    assert len(curve.findall(f"{ns}circle")) == 3 and curve.find(f"{ns}polyline") is not None
+
+
+def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, capsys):
+    prune.main(fast_args(tiny_ckpt, tmp_path / "c", "--target_loss=0.8", "--task=for_while", "--nonsense=True",
+                         "--tie_qk=True", "--freeze_norm=True", "--calibrate=True"))
+    out = capsys.readouterr().out
+    assert "for_while: circuit of" in out and "nonsense control" in out and "calibrated" in out
+    rec = json.loads(open_text(tmp_path / "c" / "for_while.json"))
+    assert rec["losses"]["circuit"] <= 0.8 and rec["settings"]["tie_qk"] and "nonsense" in rec
+    assert (tmp_path / "c" / "for_while.svg").exists() and (tmp_path / "c" / "for_while_loss.svg").exists()
+    assert len(os.listdir(tmp_path / "c" / "means")) == 1
+    prune.main(fast_args(tiny_ckpt, tmp_path / "c", "--target_loss=0.8", "--task=for_while"))
+    assert len(os.listdir(tmp_path / "c" / "means")) == 1                # the means come from the cache
+
+
+def run_prune(*args):
+    return subprocess.run([sys.executable, "prune.py", *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, tiny_ckpt, corpus):
+    cases = [(["--task=no_such_task"], "unknown task 'no_such_task'"),
+             (["--task=for_while", "--target_loss=0.3"], "does not solve for_while: full-model test loss 0.7"),
+             (["--task=all", "--target_loss=0.3"], "solves none of the 20 tasks"),
+             (["--ablation=half"], "--ablation=half is unknown")]
+    for args, words in cases:
+        result = run_prune(*fast_args(tiny_ckpt, tmp_path / "out", *args))
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, result.stderr)
+    assert not (tmp_path / "out").exists()
