@@ -9,6 +9,8 @@ import dataclasses
 import difflib
 import sys
 
+import torch
+
 
 class UserError(ValueError):
     """A mistake in the user's input: reported as one line and exit code 2, never a traceback."""
@@ -58,6 +60,15 @@ def default_of(field):
     if field.default is not dataclasses.MISSING:
         return field.default
     return field.default_factory()
+
+
+def resolve_device(name):
+    """'auto' -> cuda when there is a GPU, else cpu; a cuda device without CUDA is a UserError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available; use --device=cpu")
+    return name
 
 
 def run_main(main):

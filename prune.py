@@ -41,7 +41,7 @@ from functools import partial
 import torch
 
 import data
-from config import UserError, parse_args, run_main
+from config import UserError, parse_args, resolve_device, run_main
 from draw import circuit_svg, curve_svg
 from sparse_gpt import GPT, GPTConfig, RMSNorm, load_checkpoint
 from tasks import TASKS, collate, get_task, make_prompts, task_loss
@@ -484,7 +484,7 @@ def report(rec, log=print):
 def main(argv):
     cfg = parse_args(PruneConfig, argv)
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device={device} but CUDA is not available; use --device=cpu")
     ckpt = load_checkpoint(cfg.ckpt, device)

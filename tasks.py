@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from config import UserError, parse_args, run_main
+from config import UserError, parse_args, resolve_device, run_main
 from sparse_gpt import GPT, GPTConfig, load_checkpoint
 
 
@@ -521,10 +521,7 @@ def main(argv):
     if not cfg.ckpt:
         list_tasks(names, data.get_encoding(data.prepare(data.DataConfig(), verbose=False)), cfg.seed)
         return
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={cfg.device} but CUDA is not available; use --device=cpu")
+    cfg.device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.ckpt, cfg.device)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from config import UserError, parse_args, run_main
+from config import UserError, parse_args, resolve_device, run_main
 from sparse_gpt import ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
 
@@ -227,11 +227,14 @@ def save_checkpoint(path, model, optimizer, scaler, step, cfg, extra):
 # -----------------------------------------------------------------------------
 # configuration from the command line
 
+def preset_asked(argv):
+    return next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
+
+
 def config_from_args(argv):
     """Defaults -> preset (cpu, or gpu when CUDA is there) -> --key=value. With --resume=True the
     checkpoint's saved settings are the base instead, and the model shape may not change."""
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
-    preset = preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    preset = preset_asked(argv) or ("gpu" if torch.cuda.is_available() else "cpu")
     if preset not in PRESETS:
         raise UserError(f"--preset={preset} is unknown; allowed: {', '.join(PRESETS)}")
     cfg = parse_args(TrainConfig, argv, base=TrainConfig(preset=preset, **PRESETS[preset]))
@@ -255,8 +258,7 @@ def config_from_args(argv):
 def train(cfg):
     """Train (or resume) per cfg; returns [(step, train loss)] of the steps this call ran."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.device = resolve_device(cfg.device)
     rank, world = 0, 1
     if ddp:
         dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
@@ -266,8 +268,6 @@ def train(cfg):
             torch.cuda.set_device(cfg.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={cfg.device} but CUDA is not available; use --device=cpu")
     torch.manual_seed(cfg.seed)
 
     folder = data.prepare(data.DataConfig(data_dir=cfg.data_dir), verbose=master)
@@ -356,9 +356,8 @@ def train(cfg):
 
 
 def main(argv):
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
     cfg = config_from_args(argv)
-    why = "asked for" if preset else ("CUDA found" if cfg.preset == "gpu" else "no CUDA")
+    why = "asked for" if preset_asked(argv) else ("CUDA found" if cfg.preset == "gpu" else "no CUDA")
     print(f"preset {cfg.preset} ({why})\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
     train(cfg)
 
