@@ -43,8 +43,8 @@ import torch
 import data
 from config import UserError, parse_args, resolve_device, run_main
 from draw import circuit_svg, curve_svg
-from sparse_gpt import GPT, GPTConfig, RMSNorm, load_checkpoint
-from tasks import TASKS, collate, get_task, make_prompts, task_loss
+from sparse_gpt import ALL_SPARSE_SITES, GPT, GPTConfig, RMSNorm, load_checkpoint
+from tasks import TASKS, collate, get_task, make_prompts, prompt_losses, task_loss
 
 
 @dataclass
@@ -53,13 +53,14 @@ class PruneConfig:
     task: str = "single_double_quote"  # a task name, or all: every task the model solves
     out_dir: str = "out/circuits"      # <task>.json, <task>.svg, <task>_loss.svg; means/ cache
     target_loss: float = 0.15          # the circuit's task loss must be at most this [paper]
+    bisect_se: float = 1.0             # ... as mean + this many standard errors on the bisection prompts (0 = the mean)
     ablation: str = "mean"             # mean (over pretraining tokens) [paper] | task_mean | zero
     tie_qk: bool = False               # one mask for q channel c and k channel c (same head, dim)
     freeze_norm: bool = False          # every RMSNorm divides by the unpruned model's RMS
     calibrate: bool = False            # bisect and report after a 16-step LBFGS logit scale + shift
     nonsense: bool = False             # also prune the control with the answers swapped
     # mask optimization: the center of the authors' search [paper]
-    steps: int = 200                   # sized for 5 minutes on 2 cores (d_model 128, 4 layers)
+    steps: int = 800                   # about 4 minutes on 2 cores (d_model 128, 4 layers); more keeps shrinking it
     batch_size: int = 64               # task prompts per step ...
     micro_batches: int = 4             # ... run as this many length-sorted pieces (less padding)
     k_coef: float = 1e-4
@@ -69,8 +70,8 @@ class PruneConfig:
     tau_init: float = 0.1              # tau ~ N(tau_init, tau_std^2), kept in [-1, 1]
     tau_std: float = 0.01
     # prompts and means
-    n_train: int = 512                 # train prompts for the mask steps, of which the first
-    n_eval: int = 256                  # n_eval are the fixed batches of the bisection
+    n_train: int = 512                 # train-split prompts the masks learn on
+    n_eval: int = 256                  # other train-split prompts: the fixed batches of the bisection
     n_test: int = 256                  # held-out prompts of every reported loss
     mean_batches: int = 8              # pretraining means: mean_batches x mean_batch_size x block_size tokens
     mean_batch_size: int = 16
@@ -89,8 +90,6 @@ class PruneConfig:
             value, even = getattr(self, key), key.startswith("n_")   # prompt sets hold half of each class
             if value <= 0 or (even and value % 2):
                 raise UserError(f"--{key}={value} must be positive" + (" and even" if even else ""))
-        if self.n_eval > self.n_train:
-            raise UserError(f"--n_eval={self.n_eval} is more than --n_train={self.n_train}")
         if self.micro_batches > self.batch_size:
             raise UserError(f"--micro_batches={self.micro_batches} is more than --batch_size={self.batch_size}")
 
@@ -98,8 +97,8 @@ class PruneConfig:
 # nodes, masks and ablation
 
 def node_sites(model):
-    """Sites whose channels are nodes: the 8 of every layer (final_resid is the sum of the writes)."""
-    return [name for name in model.sites if name != "final_resid"]
+    """Sites whose channels are nodes: the 8 of every layer (not the residual stream's own sites)."""
+    return [name for name, site in model.sites.items() if site.kind in ALL_SPARSE_SITES]
 
 
 def dim_of(model, name):
@@ -279,12 +278,16 @@ def fit_calibration(logits, correct, alt, steps=16):
     return a.detach(), b.detach()
 
 
+def calibrated(logits, correct, alt, calibrate, calibration=None):
+    """With calibrate: the logits after the calibration given, or else one fit on these logits."""
+    if not calibrate:
+        return logits
+    a, b = calibration or fit_calibration(logits, correct, alt)
+    return a * logits + b
+
+
 def readout_loss(logits, correct, alt, calibrate, calibration=None):
-    """Task loss; with calibrate, after the calibration given or else fit on these logits."""
-    if calibrate:
-        a, b = calibration or fit_calibration(logits, correct, alt)
-        logits = a * logits + b
-    return task_loss(logits, correct, alt)[0].item()
+    return task_loss(calibrated(logits, correct, alt, calibrate, calibration), correct, alt)[0].item()
 
 # -----------------------------------------------------------------------------
 # pruning: train the masks, then discretize by bisection
@@ -339,18 +342,23 @@ def bisect_k(loss_at, n, target, hi=None):
 
 def find_circuit(model, taus, batches, means, cfg):
     """Keep the top-k units by tau, k bisected on the fixed batches; also the loss at 0 and at 17
-    log-spaced k for the curve. -> (keep masks or None, k, {k: (nodes, loss)})"""
-    curve = {}
+    log-spaced k for the curve. The bisection asks mean loss + bisect_se standard errors (over the
+    prompts) <= target, so that the circuit meets the target on new prompts too, not only on
+    average. -> (keep masks or None, k, {k: (nodes, mean loss)})"""
+    curve, bound = {}, {}
 
-    def loss_at(k):
+    def bound_at(k):
         if k not in curve:
             masks = top_k_masks(taus, k)
-            curve[k] = (node_count(masks), readout_loss(*eval_logits(model, batches, masks, means), cfg.calibrate))
-        return curve[k][1]
+            logits, correct, alt = eval_logits(model, batches, masks, means)
+            losses = prompt_losses(calibrated(logits, correct, alt, cfg.calibrate), correct, alt)
+            curve[k] = (node_count(masks), losses.mean().item())
+            bound[k] = curve[k][1] + cfg.bisect_se * losses.std().item() / math.sqrt(len(losses))
+        return bound[k]
     n = sum(t.numel() for t in unique(taus))
-    k = bisect_k(loss_at, n, cfg.target_loss, hi=sum(int((t > 0).sum()) for t in unique(taus)))
+    k = bisect_k(bound_at, n, cfg.target_loss, hi=sum(int((t > 0).sum()) for t in unique(taus)))
     for kk in [0] + [round(n ** (i / 16)) for i in range(17)]:
-        loss_at(kk)
+        bound_at(kk)
     return (top_k_masks(taus, k) if k is not None else None), k, curve
 
 # -----------------------------------------------------------------------------
@@ -376,9 +384,10 @@ def circuit_edges(model, keep):
 # -----------------------------------------------------------------------------
 # one task: prune, check on the test prompts, record
 
-def search(model, prompts, means, cfg, device, log):
-    """Masks trained on the train prompts, discretized on the first n_eval of them."""
-    eval_batches = make_batches(model, prompts[:cfg.n_eval], device, cfg)
+def search(model, prompts, eval_prompts, means, cfg, device, log):
+    """Masks trained on the prompts, discretized on other prompts: a k chosen on the prompts the
+    masks fit would meet the target there and miss it on new ones."""
+    eval_batches = make_batches(model, eval_prompts, device, cfg)
     taus = train_masks(model, prompts, means, cfg, device, log)
     return (taus, *find_circuit(model, taus, eval_batches, means, cfg), eval_batches)
 
@@ -424,23 +433,24 @@ def circuit_masks(model, rec, device="cpu"):
 
 def prune_task(model, enc, name, test_prompts, means, cfg, device, log=print):
     """Prune one task. means: the pretraining means (None for the other ablations). -> its record"""
-    train_prompts = make_prompts(name, enc, cfg.n_train, cfg.seed, "train")
+    drawn = make_prompts(name, enc, cfg.n_train + cfg.n_eval, cfg.seed, "train")   # all distinct
+    train_prompts, eval_prompts = drawn[:cfg.n_train], drawn[cfg.n_train:]
     test_batches = make_batches(model, test_prompts, device, cfg)
     if cfg.ablation == "task_mean":
         means = task_means(model, make_batches(model, train_prompts, device, cfg))
     elif cfg.ablation == "zero":
         means = {s: torch.zeros(dim_of(model, s), device=device) for s in node_sites(model)}
-    log(f"{name}: {cfg.steps} mask steps on {len(train_prompts)} train prompts")
-    taus, keep, k, curve, eval_batches = search(model, train_prompts, means, cfg, device, log)
+    log(f"{name}: {cfg.steps} mask steps on {len(train_prompts)} train prompts, bisection on {len(eval_prompts)} others")
+    taus, keep, k, curve, eval_batches = search(model, train_prompts, eval_prompts, means, cfg, device, log)
     if keep is None:
-        raise UserError(f"{name}: no circuit reaches loss {cfg.target_loss} on the train prompts, not even "
+        raise UserError(f"{name}: no circuit reaches loss {cfg.target_loss} on the bisection prompts, not even "
                         f"the full model ({curve[max(curve)][1]:.4f})")
     rec = circuit_record(model, name, taus, keep, k, curve, means, cfg)
     rec["losses"] = checks(model, keep, eval_batches, test_batches, means, cfg)
     if cfg.nonsense:   # the same prompts with the answers swapped: how small can a meaningless "circuit" be?
         log(f"{name}: the nonsense control (answers swapped)")
-        swap = [p._replace(correct=p.alt, alt=p.correct) for p in train_prompts]
-        _, nkeep, _, ncurve, neval = search(model, swap, means, cfg, device, log)
+        swap = lambda prompts: [p._replace(correct=p.alt, alt=p.correct) for p in prompts]
+        _, nkeep, _, ncurve, neval = search(model, swap(train_prompts), swap(eval_prompts), means, cfg, device, log)
         rec["nonsense"] = {"found": nkeep is not None, "best_train_loss": min(l for _, l in ncurve.values())}
         if nkeep is not None:
             ntest = [b._replace(correct=b.alt, alt=b.correct) for b in test_batches]

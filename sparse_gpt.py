@@ -15,6 +15,10 @@ Notable features, each tied to the paper (../shared/METHOD.md section 1):
     with model.hooks({"0.mlp.post_act": lambda x, name: x * 0}):
         logits, loss = model(idx, targets)
     logits, cache = model.run_with_cache(idx, ["0.attn.v", "final_resid"])
+
+  The residual stream itself is also a site, before each block (`{i}.resid_pre`; 0.resid_pre is
+  the embedding), between its attention and MLP (`{i}.resid_mid`) and after the last block
+  (`final_resid`): bridge.py's sites. Its channels are not pruning nodes (the 8 kinds above are).
 """
 
 import math
@@ -171,13 +175,17 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.site_resid_pre = Site("resid_pre", config.d_model, config)   # the residual stream, never AbsTopK'd
         self.norm1 = RMSNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
+        self.site_resid_mid = Site("resid_mid", config.d_model, config)
         self.norm2 = RMSNorm(config.d_model)
         self.mlp = MLP(config)
 
     def forward(self, x):
+        x = self.site_resid_pre(x)
         x = x + self.attn(self.norm1(x))   # pre-norm
+        x = self.site_resid_mid(x)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -185,7 +193,7 @@ class Block(nn.Module):
 # the authors' site names, by kind
 SITE_SUFFIX = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
                "attn_out": "attn.resid_delta", "mlp_in": "mlp.act_in", "mlp_neuron": "mlp.post_act",
-               "mlp_out": "mlp.resid_delta"}
+               "mlp_out": "mlp.resid_delta", "resid_pre": "resid_pre", "resid_mid": "resid_mid"}
 
 
 class GPT(nn.Module):
@@ -331,13 +339,10 @@ def topk_weight_mask(w, k, min_per_channel):
         top = score.topk(min(min_per_channel, w.shape[1]), dim=1).indices
         score.scatter_(1, top, float("inf"))       # guaranteed keepers sort above everything
     flat = score.flatten()
-    n = flat.numel()
-    threshold = flat.kthvalue(n - k).values          # (n-k)-th smallest: > threshold are <= k
-    mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:                                  # ties at the threshold: take the first ones
-        ties = (flat == threshold).nonzero().squeeze(1)[:missing]
-        mask[ties] = True
+    threshold = flat.kthvalue(flat.numel() - k).values   # (n-k)-th smallest: fewer than k are above it
+    above, ties = flat > threshold, flat == threshold
+    missing = k - above.sum()                            # ties at the threshold: take the first ones
+    mask = above | (ties & (ties.cumsum(0) <= missing))  # (all on the device: no host sync)
     return mask.view_as(w).to(w.dtype)
 
 

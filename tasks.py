@@ -436,6 +436,11 @@ def task_loss(logits_last, correct, alt):
     return F.softplus(-diff).mean(), (diff > 0).float().mean()
 
 
+def prompt_losses(logits_last, correct, alt):
+    """The task loss of each prompt, (N,): softplus(l_a - l_c)."""
+    return F.softplus(-logit_diff(logits_last, correct, alt).float())
+
+
 def answer_ids(prompts, device="cpu"):
     """Correct and alternative answer ids, (N,) and (N,)."""
     return (torch.tensor([p.correct for p in prompts], device=device),

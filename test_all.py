@@ -20,6 +20,8 @@ import tiktoken.load
 import torch
 import torch.nn.functional as F
 
+import bench
+import bridge
 import data
 import prune
 import tasks
@@ -82,8 +84,8 @@ def test_sink_minus_inf_is_plain_causal_attention_and_finite_sink_is_off_by_one_
 
 def test_site_names_unique_and_complete():
     model = GPT(tiny_config())
-    suffixes = ["attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta", "mlp.act_in",
-                "mlp.post_act", "mlp.resid_delta"]
+    suffixes = ["resid_pre", "attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta", "resid_mid",
+                "mlp.act_in", "mlp.post_act", "mlp.resid_delta"]
     assert list(model.sites) == [f"{i}.{s}" for i in range(2) for s in suffixes] + ["final_resid"]
 
 
@@ -692,3 +694,130 @@ def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, 
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, result.stderr)
     assert not (tmp_path / "out").exists()
+
+# -----------------------------------------------------------------------------
+# bridges
+
+
+def identity_bridges(model, afrac=1.0):
+    d = model.config.d_model
+    bridges = bridge.Bridges(bridge.bridge_sites(model), d, d, afrac)
+    with torch.no_grad():
+        for lin in [*bridges.encoders, *bridges.decoders]:
+            lin.weight.copy_(torch.eye(d))
+            lin.bias.zero_()
+    return bridges
+
+
+def test_nmse_equals_its_formula():
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 5, 4, generator=gen), torch.randn(3, 5, 4, generator=gen) * 2 + 1
+    p, t = pred.reshape(-1, 4).numpy().astype(np.float64), target.reshape(-1, 4).numpy().astype(np.float64)
+    expected = ((p - t) ** 2).sum() / ((t - t.mean(0)) ** 2).sum()
+    assert bridge.nmse(pred, target).item() == pytest.approx(expected, rel=1e-5)
+    assert bridge.nmse(target, target).item() == 0.0
+
+
+def test_identity_bridges_between_a_model_and_its_copy_give_zero_nmse_and_kl():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    copy = GPT(tiny_config()).eval()
+    copy.load_state_dict(model.state_dict())
+    bridges = identity_bridges(model)
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        dense_logits, dense_acts, _, sparse_acts = bridge.both_models(model, copy, x, bridges.sites)
+        assert len(bridges.sites) == 2 * 2 + 1                         # embedding + attn and mlp of 2 layers
+        for site in bridges.sites:
+            terms = bridge.site_terms(model, copy, bridges, x, site, dense_logits, dense_acts, sparse_acts)
+            for key, value in terms.items():
+                assert abs(value.item()) < 1e-6, (site, key, value.item())
+
+
+def test_hybrid_pass_runs_the_first_model_up_to_the_site_and_the_other_after_it():
+    torch.manual_seed(0)
+    first, second = GPT(tiny_config()).eval(), GPT(tiny_config()).eval()
+    with torch.no_grad():
+        second.bigram.normal_()                          # a bigram table that is not zero, to see whose is used
+        idx = torch.randint(0, 64, (2, 16))
+        _, acts = first.run_with_cache(idx, ["1.resid_pre", "1.resid_mid"])
+        # by hand: first's embedding and block 0, then second's block 1, final norm, unembedding and bigram
+        x = first.blocks[0](first.wte(idx))
+        by_hand = second.lm_head(second.norm_f(second.blocks[1](x))) + second.bigram[idx]
+        torch.testing.assert_close(bridge.hybrid(second, idx, "1.resid_pre", acts["1.resid_pre"]), by_hand)
+        # switching mid-block: second's MLP half of block 1 only
+        b = second.blocks[1]
+        x = acts["1.resid_mid"]
+        by_hand = second.lm_head(second.norm_f(x + b.mlp(b.norm2(x)))) + second.bigram[idx]
+        torch.testing.assert_close(bridge.hybrid(second, idx, "1.resid_mid", x), by_hand)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("dense")
+    train.train(tiny_train_config(out / "run", max_iters=2, eval_interval=2, l0_frac=1.0, afrac=1.0, eval_task="",
+                                  block_size=256))
+    return str(out / "run" / "ckpt.pt")
+
+
+def tiny_bridge_config(out_dir, dense, **kw):
+    base = dict(out_dir=str(out_dir), dense=dense, max_iters=3, eval_interval=3, eval_iters=1, log_interval=1,
+                sample_tokens=0, batch_size=2, block_size=256, n_layer=1, d_model=32, l0_frac=0.25, eval_task="")
+    return bridge.BridgeConfig(**{**base, **kw})
+
+
+def test_bridge_training_keeps_the_dense_model_frozen_and_writes_a_normal_checkpoint(tmp_path, tiny_dense,
+                                                                                    monkeypatch, capsys):
+    loaded = []
+
+    def spy(path, device):
+        model, data_dir = load_dense(path, device)
+        loaded.append(model)
+        return model, data_dir
+    load_dense = bridge.load_dense
+    monkeypatch.setattr(bridge, "load_dense", spy)
+    ev = bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense))
+    saved = torch.load(tiny_dense, weights_only=False)["model"]
+    assert all(torch.equal(loaded[0].state_dict()[k], saved[k]) for k in saved)     # the dense model did not move
+    assert set(ev["sites"]) == {"0.resid_pre", "0.resid_mid", "final_resid"}
+    assert all(math.isfinite(v) for s in ev["sites"].values() for v in s.values())
+    model = GPT.from_checkpoint(str(tmp_path / "b" / "ckpt.pt"))                # a normal checkpoint
+    exact, params, _ = train.sparsity_report(model, 0.25)
+    assert exact == params
+    out = capsys.readouterr().out
+    assert "kl_ds" in out and "nmse_enc" in out and "val loss: sparse" in out
+    monkeypatch.undo()
+    result = bridge.steer(tiny_bridge_config(tmp_path / "b", tiny_dense, steer=True, steer_prompts=8,
+                                             steer_site="0.resid_mid", steer_controls=2))
+    for key in ("before", "edit", "control"):
+        assert all(0.0 <= p <= 1.0 for p in result[key])
+    assert result["edit"] != result["before"]                                        # the edit reached the dense model
+
+
+def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
+    sparse_dir = tmp_path / "sparse"
+    train.train(tiny_train_config(sparse_dir, max_iters=1, eval_interval=1, eval_task=""))
+    with pytest.raises(UserError, match="is a sparse model"):
+        bridge.train_bridges(tiny_bridge_config(tmp_path / "x", str(sparse_dir / "ckpt.pt")))
+    with pytest.raises(UserError, match="cannot bridge: dense n_layer=1 but sparse n_layer=2"):
+        bridge.train_bridges(tiny_bridge_config(tmp_path / "y", tiny_dense, n_layer=2))
+    result = subprocess.run([sys.executable, "bridge.py", f"--dense={sparse_dir / 'ckpt.pt'}",
+                             f"--out_dir={tmp_path / 'z'}"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "is a sparse model" in lines[0]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+# -----------------------------------------------------------------------------
+# bench
+
+
+def test_naive_reference_projection_gives_exactly_our_projection():
+    torch.manual_seed(0)
+    ours, naive = GPT(tiny_config()), GPT(tiny_config())
+    with torch.no_grad():
+        ours.blocks[0].mlp.c_fc.weight[:3] = 0.5                  # ties at the threshold
+        naive.load_state_dict(ours.state_dict())
+    ours.project_weights(0.2)
+    bench.naive_project(naive, 0.2)
+    for (name, a), (_, b) in zip(ours.sparse_params(), naive.sparse_params()):
+        assert torch.equal(a, b), name

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import tasks
 from config import UserError, parse_args, resolve_device, run_main
 from sparse_gpt import ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
@@ -43,6 +44,7 @@ class TrainConfig:
     eval_iters: int = 10
     log_interval: int = 25
     sample_tokens: int = 48        # sampled continuation printed at each evaluation (0 = none)
+    eval_task: str = "single_double_quote"  # task loss on its test prompts at each evaluation ("" = none)
     # batch
     batch_size: int = 32
     block_size: int = 256
@@ -90,6 +92,8 @@ class TrainConfig:
                     "block_size", "gradient_accumulation_steps", "n_layer"):
             if getattr(self, key) <= 0:
                 raise UserError(f"--{key}={getattr(self, key)} must be positive")
+        if self.eval_task:
+            tasks.get_task(self.eval_task)
         if self.stop_iter < 0 or self.stop_iter > self.max_iters:
             raise UserError(f"--stop_iter={self.stop_iter} is outside [0, max_iters={self.max_iters}]")
         try:
@@ -106,6 +110,7 @@ class TrainConfig:
 # under 15 minutes); the gpu preset is a bigger model for one GPU.
 PRESETS = {
     "cpu": {},
+    "cpu45": dict(out_dir="out/cpu45", max_iters=2500, eval_interval=500),
     "gpu": dict(out_dir="out/gpu", max_iters=20000, eval_interval=1000, eval_iters=50, log_interval=100,
                 batch_size=64, n_layer=8, d_model=512, l0_frac=1 / 32, learning_rate=1e-2,
                 dtype="bfloat16", compile=True),
@@ -177,6 +182,13 @@ def optimizer_step(model, optimizer, step, cfg, scaler=None):
     if frac < 1.0:
         model.project_weights(frac)
     return lr, frac
+
+
+def autocast_for(cfg):
+    """Mixed precision on CUDA when dtype asks for it; the CPU always trains in float32."""
+    if cfg.device.startswith("cuda") and cfg.dtype != "float32":
+        return torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
+    return nullcontext()
 
 
 def batch_for(tokens, step, micro, cfg, rank=0):
@@ -301,8 +313,7 @@ def train(cfg):
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if cfg.device.startswith("cuda") else None)
-    autocast = (torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
-                if cfg.device.startswith("cuda") and cfg.dtype != "float32" else nullcontext())
+    autocast = autocast_for(cfg)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
     stop = cfg.stop_iter or cfg.max_iters
     history, t0 = [], time.time()
@@ -330,7 +341,14 @@ def train(cfg):
                 f"{tokens_per_step / dt:7.0f} tok/s | {dt * 1000:6.1f} ms/step")
         if done % cfg.eval_interval == 0 or done == stop:
             losses = estimate_loss(raw, {"train": train_tokens, "val": val_tokens}, cfg, autocast)
-            log(f"eval {done}: train {losses['train']:.4f} | val {losses['val']:.4f}")
+            line = f"eval {done}: train {losses['train']:.4f} | val {losses['val']:.4f}"
+            if cfg.eval_task:   # the behaviour pruning needs, watched as it is learned
+                prompts = [p for p in tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test")
+                           if len(p.ids) <= cfg.block_size]                  # a short context sees fewer
+                if prompts:
+                    losses["task"], losses["task_acc"] = tasks.evaluate(raw, prompts, cfg.device)
+                    line += f" | {cfg.eval_task} {losses['task']:.3f} (acc {losses['task_acc']:.2f}, {len(prompts)} prompts)"
+            log(line)
             if master and cfg.sample_tokens:
                 prompt = torch.tensor([enc.encode("def ")], device=cfg.device)
                 torch.manual_seed(cfg.seed + done)
@@ -338,7 +356,7 @@ def train(cfg):
                 log("sample: " + repr(enc.decode(sample[0].tolist()))[:400])
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, scaler, done, cfg,
-                                {"val_loss": losses["val"], "data": folder})
+                                {"val_loss": losses["val"], "task_loss": losses.get("task"), "data": folder})
     if ddp:   # every rank must hold the same weights: gather them all and compare
         flat = torch.cat([p.detach().flatten() for p in raw.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]

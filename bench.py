@@ -1,0 +1,230 @@
+"""
+Speed and memory of weight-sparse training against dense training of the same shape, measured in
+one run on whatever device is here, for the CPU and GPU preset shapes.
+
+    python bench.py                          # both shapes; out/bench/<device>.json
+    python bench.py --shapes=cpu --steps=10  # one shape, more timed steps
+    python bench.py --prune_ckpt=out/cpu45/ckpt.pt   # also time prune.py on one task of that model
+    python bench.py --help                   # every setting
+
+What it measures, per shape (random tokens: speed does not depend on the text):
+- ms/step, tokens/s and peak memory of a training step (forward, backward, grad-RMS normalization,
+  Adam, top-k projection) for three variants, each in a fresh process so peak memory is its own:
+  dense (l0_frac=1, afrac=1), sparse (the preset), and sparse without AbsTopK (afrac=1). The step
+  is taken at an L0 past the anneal, as for most of a run.
+- the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
+  (sparse step minus the same step without AbsTopK), and our projection against a naive reference
+  that sorts every matrix fully.
+- MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
+  matmul rate measured here (fp32 on CPU, bf16 on GPU). The sparse model runs the same dense
+  matmuls, so its FLOPs are counted as dense.
+- forward time with no hook against recording one site; the time to prune one task (if given a
+  checkpoint that solves it).
+"""
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from config import UserError, parse_args, resolve_device, run_main
+from sparse_gpt import GPT, target_nonzeros
+from train import PRESETS, TrainConfig, autocast_for, l0_at, make_optimizer, optimizer_step
+
+
+@dataclass
+class BenchConfig:
+    shapes: str = "cpu,gpu"          # presets whose shapes to measure (comma-separated)
+    steps: int = 5                   # timed training steps per variant, after the warmup
+    warmup: int = 2                  # untimed steps first (torch.compile compiles here on GPU)
+    cpu_batch_gpu_shape: int = 4     # the gpu preset's batch of 64 takes minutes per step on a CPU
+    prune_ckpt: str = ""             # a checkpoint solving prune_task: time prune.py on it ("" = skip)
+    prune_task: str = "single_double_quote"
+    out_dir: str = "out/bench"
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        for shape in self.shapes.split(","):
+            if shape not in PRESETS:
+                raise UserError(f"--shapes={self.shapes}: {shape!r} is unknown; allowed: {', '.join(PRESETS)}")
+        if self.steps <= 0 or self.warmup < 0:
+            raise UserError(f"--steps={self.steps}, --warmup={self.warmup}: need steps > 0 and warmup >= 0")
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, n, device):
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+# -----------------------------------------------------------------------------
+# the pieces measured
+
+def variant(shape, device, batch_size, **overrides):
+    """The TrainConfig of a preset shape, with overrides (l0_frac, afrac)."""
+    cfg = TrainConfig(preset=shape, **{**PRESETS[shape], "device": device, "batch_size": batch_size})
+    cfg = dataclasses.replace(cfg, **overrides)
+    cfg.compile = cfg.compile and device.startswith("cuda")   # CPU compile needs a C++ toolchain
+    return cfg
+
+
+def measure_training(cfg, steps, warmup):
+    """Run in a fresh process: ms/step, tokens/s, peak memory, and the projection alone."""
+    torch.manual_seed(0)
+    model = raw = GPT(cfg.model_config()).to(cfg.device)
+    optimizer = make_optimizer(raw, cfg)
+    if cfg.compile:
+        model = torch.compile(model)
+    autocast = autocast_for(cfg)
+    x, y = torch.randint(cfg.model_config().vocab_size, (2, cfg.batch_size, cfg.block_size), device=cfg.device)
+    step = cfg.max_iters - 1          # past the anneal: the L0 of most of a run (lr is irrelevant here)
+
+    def train_step():                 # train.py's step, one micro-batch, one process
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer_step(raw, optimizer, step, cfg)
+
+    if cfg.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+    for _ in range(warmup):
+        train_step()
+    sec = seconds_per_call(train_step, steps, cfg.device)
+    frac = l0_at(step + 1, cfg)
+    proj = seconds_per_call(lambda: raw.project_weights(frac), steps, cfg.device) if frac < 1 else 0.0
+    peak = (torch.cuda.max_memory_allocated(cfg.device) if cfg.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # CPU: the process's peak RSS
+    return {"ms_per_step": sec * 1e3, "tokens_per_s": cfg.batch_size * cfg.block_size / sec,
+            "projection_ms": proj * 1e3, "peak_mem_mb": peak / 2**20}
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new process (spawned, so CUDA works), which then exits: its own peak memory."""
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(fn, args)
+
+
+@torch.no_grad()
+def naive_project(model, frac):
+    """Reference projection: sort every parameter fully, O(n log n), keep the top k with each row's
+    top min_per_channel first (ties: the first index, as ours). Same result, the slow way."""
+    m = model.config.min_per_channel
+    for _, p in model.sparse_params():
+        k = target_nonzeros(p.shape, frac, m)
+        if k >= p.numel():
+            continue
+        score = p.abs().float()
+        if p.dim() == 2:
+            rows_top = score.argsort(dim=1, descending=True, stable=True)[:, :m]
+            score.scatter_(1, rows_top, float("inf"))
+        keep = torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
+        keep[score.flatten().argsort(descending=True, stable=True)[:k]] = 1
+        p.mul_(keep.view_as(p))
+
+
+def flops_per_token(model, block_size):
+    """6 N + 12 L d T [PaLM, appendix B]: N = matmul weights (blocks and unembedding; the embedding
+    and bigram tables are lookups), plus attention scores and the weighted sum, forward and backward."""
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name.startswith(("blocks", "lm_head")))
+    c = model.config
+    return 6 * n + 12 * c.n_layer * c.d_model * block_size
+
+
+def matmul_peak(device):
+    """FLOP/s of a large square matmul: fp32 on CPU, bf16 on GPU (what each trains in)."""
+    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    reps = max(3, int(0.5 / seconds_per_call(lambda: a @ b, 1, device)))    # about half a second
+    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, device)
+
+
+@torch.no_grad()
+def hook_overhead(cfg, reps):
+    """Forward ms with no hook, and with one site recorded (the mechanism pruning and bridges use)."""
+    model = GPT(cfg.model_config()).to(cfg.device).eval()
+    x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size), device=cfg.device)
+    with autocast_for(cfg):
+        model(x)
+        plain = seconds_per_call(lambda: model(x), reps, cfg.device)
+        site = "1.mlp.post_act"
+        recorded = seconds_per_call(lambda: model.run_with_cache(x, [site]), reps, cfg.device)
+    return plain * 1e3, recorded * 1e3
+
+
+def prune_time(ckpt, task, device):
+    """Seconds for prune.py's whole pipeline on one task (means, masks, bisection, checks)."""
+    import prune   # prune imports tasks and data: only needed here
+    t0 = time.perf_counter()
+    prune.main([f"--ckpt={ckpt}", f"--task={task}", f"--device={device}", "--out_dir=out/bench/circuits"])
+    return time.perf_counter() - t0
+
+# -----------------------------------------------------------------------------
+
+def bench_shape(shape, bc, device, peak_flops):
+    batch = PRESETS[shape].get("batch_size", TrainConfig.batch_size)
+    if device == "cpu" and shape != "cpu":
+        batch = bc.cpu_batch_gpu_shape
+    sparse = variant(shape, device, batch)
+    runs = {}
+    for name, cfg in (("dense", variant(shape, device, batch, l0_frac=1.0, afrac=1.0)), ("sparse", sparse),
+                      ("sparse_no_abstopk", variant(shape, device, batch, afrac=1.0))):
+        runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup)
+        print(f"  {shape} {name:<18} {runs[name]['ms_per_step']:9.1f} ms/step "
+              f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB", flush=True)
+    model = GPT(sparse.model_config()).to(device)
+    fpt = flops_per_token(model, sparse.block_size)
+    for r in runs.values():
+        r["mfu"] = fpt * r["tokens_per_s"] / peak_flops
+    frac = l0_at(sparse.max_iters, sparse)
+    ours = seconds_per_call(lambda: model.project_weights(frac), bc.steps, device)
+    naive = seconds_per_call(lambda: naive_project(model, frac), bc.steps, device)
+    plain_ms, recorded_ms = hook_overhead(sparse, bc.steps)
+    s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
+    return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "runs": runs,
+            "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,
+            "abstopk_share": max(0.0, (s - n) / s), "naive_over_ours_projection": naive / ours,
+            "projection_ms": ours * 1e3, "naive_projection_ms": naive * 1e3,
+            "forward_ms": plain_ms, "forward_recording_ms": recorded_ms}
+
+
+def main(argv):
+    bc = parse_args(BenchConfig, argv)
+    print("settings: " + json.dumps(dataclasses.asdict(bc)))
+    device = resolve_device(bc.device)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    peak = matmul_peak(device)
+    print(f"device {name}: matmul peak {peak / 1e9:.0f} GFLOP/s ({'fp32' if device == 'cpu' else 'bf16'})")
+    result = {"device": name, "matmul_peak_flops": peak, "settings": dataclasses.asdict(bc), "shapes": {}}
+    for shape in bc.shapes.split(","):
+        result["shapes"][shape] = r = bench_shape(shape, bc, device, peak)
+        print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} | projection {r['projection_share']:.1%} "
+              f"of a step | AbsTopK {r['abstopk_share']:.1%} | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
+              f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "
+              f"{r['runs']['sparse']['mfu']:.1%} dense {r['runs']['dense']['mfu']:.1%} | forward "
+              f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms")
+    if bc.prune_ckpt:
+        result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device)
+        print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
+    os.makedirs(bc.out_dir, exist_ok=True)
+    path = os.path.join(bc.out_dir, f"{device.replace(':', '')}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_main(main)

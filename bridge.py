@@ -1,0 +1,366 @@
+"""
+Bridges between a frozen dense model and a weight-sparse one (METHOD.md section 5), and steering
+the dense model through them.
+
+    python bridge.py --dense=out/cpu_dense/ckpt.pt                 # train; out/bridge/ckpt.pt
+    python bridge.py --dense=out/cpu_dense/ckpt.pt --init_sparse=out/cpu/ckpt.pt --anneal_start=0 --anneal_end=0
+    python bridge.py --steer=True --steer_site=1.resid_pre        # edit one sparse channel, steer the dense model
+    python bridge.py --help                                        # every setting (train.py's too)
+
+Sites: the residual stream after the embedding and after every attention and MLP sublayer
+(sparse_gpt's `{i}.resid_pre`, `{i}.resid_mid`, `final_resid`). At site i an encoder
+(Linear + AbsTopK) maps the dense activation to the sparse one, a decoder (Linear) maps back [paper].
+Loss = coef_ce * the sparse model's next-token loss
+     + coef_nmse * mean over sites of NMSE(enc(dense), sparse) + NMSE(dec(sparse), dense)
+     + coef_kl_ds * KL(dense || d->s hybrid) + coef_kl_sd * KL(dense || s->d hybrid)
+where the d->s hybrid runs the dense model up to site i, encodes, and continues in the sparse model
+(s->d: the reverse) [paper]. One site per direction per step, drawn at random (an unbiased estimate
+of the mean over sites at a ninth of the cost). The sparse model trains by train.py's rules
+(annealed top-k projection, sharkfin LR, grad-RMS normalization); the bridges by plain AdamW.
+The result is a normal checkpoint: tasks.py and prune.py read it unchanged.
+"""
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import tasks
+from config import UserError, parse_args, resolve_device, run_main
+from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint
+from train import (TrainConfig, autocast_for, batch_for, estimate_loss, make_optimizer,
+                   optimizer_step, save_checkpoint)
+
+
+@dataclass
+class BridgeConfig(TrainConfig):
+    """train.py's settings (the sparse model and its training), plus the bridges' and steering's."""
+    out_dir: str = "out/bridge"
+    dense: str = "out/cpu_dense/ckpt.pt"   # the frozen dense model (a train.py checkpoint, l0_frac=1, afrac=1)
+    init_sparse: str = ""            # start the sparse model from this checkpoint ("" = from scratch [paper])
+    max_iters: int = 500             # sized for 15 minutes on 2 cores with batch 16
+    eval_interval: int = 250
+    batch_size: int = 16
+    coef_ce: float = 1.0             # every coefficient 1, as a replication did [3P]
+    coef_nmse: float = 1.0
+    coef_kl_ds: float = 1.0
+    coef_kl_sd: float = 1.0
+    bridge_afrac: float = 0.25       # AbsTopK fraction of the encoders' output (1 = none)
+    bridge_lr: float = 3e-3
+    # steering (--steer=True): reads out_dir/ckpt.pt
+    steer: bool = False
+    steer_site: str = "1.resid_pre"  # a bridge site
+    steer_channel: int = -1          # a channel of the sparse model there; -1 = the one whose class means differ most
+    steer_task: str = "single_double_quote"
+    steer_prompts: int = 256         # test prompts, half of each class
+    steer_controls: int = 8          # random channels whose edits, scaled to the same size, are the control
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.bridge_afrac <= 1.0:
+            raise UserError(f"--bridge_afrac={self.bridge_afrac} is outside (0, 1]")
+        tasks.get_task(self.steer_task)
+
+# -----------------------------------------------------------------------------
+# the pieces
+
+def bridge_sites(model):
+    """The residual stream after the embedding and after every attention and MLP sublayer."""
+    return [name for name, site in model.sites.items() if site.kind in ("resid_pre", "resid_mid", "final_resid")]
+
+
+class Bridges(nn.Module):
+    """Per site: encoder dense -> sparse (Linear + AbsTopK), decoder sparse -> dense (Linear)."""
+
+    def __init__(self, sites, d_dense, d_sparse, afrac):
+        super().__init__()
+        self.sites, self.k = list(sites), int(afrac * d_sparse) if afrac < 1 else 0
+        self.encoders = nn.ModuleList([nn.Linear(d_dense, d_sparse) for _ in sites])
+        self.decoders = nn.ModuleList([nn.Linear(d_sparse, d_dense) for _ in sites])
+
+    def encode(self, site, h):
+        s = self.encoders[self.sites.index(site)](h)
+        return abstopk(s, self.k) if self.k else s
+
+    def decode(self, site, s):
+        return self.decoders[self.sites.index(site)](s)
+
+
+def nmse(pred, target):
+    """||pred - t||^2 / ||t - mean t||^2, the mean over tokens, per channel [paper]."""
+    t = target.flatten(0, -2)
+    return ((pred.flatten(0, -2) - t) ** 2).sum() / ((t - t.mean(0)) ** 2).sum().clamp_min(1e-12)
+
+
+def kl(p_logits, q_logits):
+    """KL(p || q) per token, averaged: the hybrid's output q against the dense model's p."""
+    logp, logq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+def hybrid(model, idx, site, x):
+    """Run model with its activation at site replaced by x: the first model's computation up to the
+    site (x), this model's after it. (The layers before the site run but are discarded.)"""
+    with model.hooks({site: lambda _, name: x}):
+        return model(idx)[0]
+
+
+def both_models(sparse, dense, x, sites):
+    """Logits and the activations at the sites of both models: the dense ones without a graph
+    (it is frozen), the sparse ones with theirs (the losses train through them)."""
+    with torch.no_grad():
+        dense_logits, dense_acts = dense.run_with_cache(x, sites)
+    sparse_acts = {}
+
+    def keep(act, name):
+        sparse_acts[name] = act
+        return act
+    with sparse.hooks({n: keep for n in sites}):
+        sparse_logits, _ = sparse(x)
+    return dense_logits, dense_acts, sparse_logits, sparse_acts
+
+
+def site_terms(sparse, dense, bridges, x, site, dense_logits, dense_acts, sparse_acts):
+    """The bridge terms at one site: encoder and decoder NMSE, and the KL of each hybrid pass."""
+    enc, dec = bridges.encode(site, dense_acts[site]), bridges.decode(site, sparse_acts[site])
+    return {"nmse_enc": nmse(enc, sparse_acts[site]), "nmse_dec": nmse(dec, dense_acts[site]),
+            "kl_ds": kl(dense_logits, hybrid(sparse, x, site, enc)),     # dense up to site, sparse after
+            "kl_sd": kl(dense_logits, hybrid(dense, x, site, dec))}      # sparse up to site, dense after
+
+
+def bridge_losses(sparse, dense, bridges, x, y, site_ds, site_sd):
+    """Every term of the training loss on one batch: NMSE averaged over all sites, each hybrid KL at
+    its one drawn site. -> {name: scalar}"""
+    dense_logits, dense_acts, sparse_logits, sparse_acts = both_models(sparse, dense, x, bridges.sites)
+    S = bridges.sites
+    return {"ce": F.cross_entropy(sparse_logits.float().flatten(0, 1), y.flatten()),
+            "nmse_enc": sum(nmse(bridges.encode(s, dense_acts[s]), sparse_acts[s]) for s in S) / len(S),
+            "nmse_dec": sum(nmse(bridges.decode(s, sparse_acts[s]), dense_acts[s]) for s in S) / len(S),
+            "kl_ds": kl(dense_logits, hybrid(sparse, x, site_ds, bridges.encode(site_ds, dense_acts[site_ds]))),
+            "kl_sd": kl(dense_logits, hybrid(dense, x, site_sd, bridges.decode(site_sd, sparse_acts[site_sd])))}
+
+
+def total_loss(terms, cfg):
+    return (cfg.coef_ce * terms["ce"] + cfg.coef_nmse * (terms["nmse_enc"] + terms["nmse_dec"])
+            + cfg.coef_kl_ds * terms["kl_ds"] + cfg.coef_kl_sd * terms["kl_sd"])
+
+
+@torch.no_grad()
+def evaluate_bridges(sparse, dense, bridges, tokens, cfg):
+    """Per site: NMSE of encoder and decoder, KL of the hybrid pass in each direction, over
+    eval_iters fixed val batches; and the sparse and dense models' own val loss."""
+    sparse.eval()
+    gen, per_site = torch.Generator().manual_seed(cfg.seed + 1), {s: [0.0] * 4 for s in bridges.sites}
+    for _ in range(cfg.eval_iters):
+        x, _ = (t.to(cfg.device) for t in data.get_batch(tokens, cfg.batch_size, cfg.block_size, gen))
+        dense_logits, dense_acts, _, sparse_acts = both_models(sparse, dense, x, bridges.sites)
+        for s in bridges.sites:
+            terms = site_terms(sparse, dense, bridges, x, s, dense_logits, dense_acts, sparse_acts)
+            for i, key in enumerate(("nmse_enc", "nmse_dec", "kl_ds", "kl_sd")):
+                per_site[s][i] += terms[key].item() / cfg.eval_iters
+    losses = estimate_loss(sparse, {"sparse": tokens}, cfg, autocast_for(cfg))
+    losses.update(estimate_loss(dense, {"dense": tokens}, cfg, autocast_for(cfg)))
+    sparse.train()
+    return {"sites": {s: dict(zip(("nmse_enc", "nmse_dec", "kl_ds", "kl_sd"), v)) for s, v in per_site.items()},
+            "sparse_val_loss": losses["sparse"], "dense_val_loss": losses["dense"]}
+
+
+def print_eval(ev, log=print):
+    log(f"{'site':<14} {'nmse enc':>9} {'nmse dec':>9} {'KL d->s':>9} {'KL s->d':>9}")
+    for s, v in ev["sites"].items():
+        log(f"{s:<14} {v['nmse_enc']:9.4f} {v['nmse_dec']:9.4f} {v['kl_ds']:9.4f} {v['kl_sd']:9.4f}")
+    log(f"val loss: sparse {ev['sparse_val_loss']:.4f} | dense {ev['dense_val_loss']:.4f}")
+
+# -----------------------------------------------------------------------------
+# loading, with the checks that the two models can be bridged
+
+def load_dense(path, device):
+    ckpt = load_checkpoint(path, device)
+    tc = ckpt.get("train_config", {})
+    if tc.get("l0_frac", 1.0) < 1.0 or tc.get("afrac", 1.0) < 1.0:
+        raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
+                        "bridges need a dense one (trained with --l0_frac=1 --afrac=1)")
+    dense = GPT(GPTConfig(**ckpt["model_config"]))
+    dense.load_state_dict(ckpt["model"])
+    return dense.to(device).eval().requires_grad_(False), tc.get("data_dir", "")
+
+
+def check_bridgeable(dense_cfg, sparse_cfg):
+    for key in ("n_layer", "vocab_size"):
+        if getattr(dense_cfg, key) != getattr(sparse_cfg, key):
+            raise UserError(f"cannot bridge: dense {key}={getattr(dense_cfg, key)} but sparse {key}="
+                            f"{getattr(sparse_cfg, key)}; the sites must correspond one to one")
+    if sparse_cfg.block_size > dense_cfg.block_size:
+        raise UserError(f"cannot bridge: sparse block_size={sparse_cfg.block_size} exceeds the dense model's "
+                        f"{dense_cfg.block_size}")
+
+# -----------------------------------------------------------------------------
+# training
+
+def train_bridges(cfg):
+    cfg.device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dense, data_dir = load_dense(cfg.dense, cfg.device)
+    if cfg.data_dir != data_dir:
+        raise UserError(f"--data_dir={cfg.data_dir!r} differs from the dense model's {data_dir!r}: "
+                        "both models must read the same tokens")
+    folder = data.prepare(data.DataConfig(data_dir=data_dir))
+    train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
+    sparse = GPT(cfg.model_config()).to(cfg.device)
+    check_bridgeable(dense.config, sparse.config)
+    if cfg.init_sparse:
+        init = load_checkpoint(cfg.init_sparse, cfg.device)
+        if GPTConfig(**init["model_config"]) != sparse.config:
+            raise UserError(f"--init_sparse={cfg.init_sparse} has another shape than the configured sparse model")
+        sparse.load_state_dict(init["model"])
+    bridges = Bridges(bridge_sites(sparse), dense.config.d_model, sparse.config.d_model, cfg.bridge_afrac).to(cfg.device)
+    optimizer = make_optimizer(sparse, cfg)
+    bridge_opt = torch.optim.AdamW(bridges.parameters(), lr=cfg.bridge_lr, weight_decay=0.0)
+    ckpt_path, start = os.path.join(cfg.out_dir, "ckpt.pt"), 0
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, cfg.device)
+        sparse.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        bridges.load_state_dict(ckpt["bridges"])
+        bridge_opt.load_state_dict(ckpt["bridge_optimizer"])
+        start = ckpt["step"]
+        print(f"resuming {ckpt_path} at step {start}")
+    elif os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    print(f"dense {cfg.dense}: d_model {dense.config.d_model}; sparse: d_model {sparse.config.d_model}, "
+          f"L0 {cfg.l0_frac:g}, AbsTopK {cfg.afrac:g}; {len(bridges.sites)} bridge sites")
+
+    tokens_per_step, t_log, autocast = cfg.batch_size * cfg.block_size, time.time(), autocast_for(cfg)
+    for step in range(start, cfg.max_iters):
+        x, y = (t.to(cfg.device) for t in batch_for(train_tokens, step, 0, cfg))
+        pick = random.Random(cfg.seed * 7919 + step)     # the sites of this step: reproducible on resume
+        with autocast:
+            terms = bridge_losses(sparse, dense, bridges, x, y, pick.choice(bridges.sites), pick.choice(bridges.sites))
+        total_loss(terms, cfg).backward()
+        bridge_opt.step()
+        bridge_opt.zero_grad(set_to_none=True)
+        lr, frac = optimizer_step(sparse, optimizer, step, cfg)   # train.py's step: the same sparse training
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_iters:
+            dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
+            print(f"step {done:5d} | " + " | ".join(f"{k} {v.item():.4f}" for k, v in terms.items()) +
+                  f" | lr {lr:.2e} | L0 {frac:.4f} | {tokens_per_step / dt:6.0f} tok/s | {dt * 1000:6.0f} ms/step",
+                  flush=True)
+        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+            ev = evaluate_bridges(sparse, dense, bridges, val_tokens, cfg)
+            print_eval(ev)
+            save_checkpoint(ckpt_path, sparse, optimizer, None, done, cfg,
+                            {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
+                             "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
+                             "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder})
+    return ev
+
+# -----------------------------------------------------------------------------
+# steering: an edit in the sparse model, carried into the dense one by the decoder
+
+def load_bridged(cfg):
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device)
+    if "bridges" not in ckpt:
+        raise UserError(f"{cfg.out_dir}/ckpt.pt has no bridges: train them first (python bridge.py --dense=...)")
+    sparse = GPT(GPTConfig(**ckpt["model_config"]))
+    sparse.load_state_dict(ckpt["model"])
+    dense, data_dir = load_dense(ckpt["dense"], cfg.device)
+    bridges = Bridges(ckpt["bridge_sites"], dense.config.d_model, sparse.config.d_model, ckpt["bridge_afrac"])
+    bridges.load_state_dict(ckpt["bridges"])
+    return sparse.to(cfg.device).eval(), dense, bridges.to(cfg.device), data_dir
+
+
+def means_from_end(model, prompts, site, device):
+    """Mean activation at site at each offset j from the prompt's end, (longest prompt, d): prompts
+    end where the answer comes, so offsets from the end line their structure up."""
+    acts = [model.run_with_cache(torch.tensor([p.ids], device=device), [site])[1][site][0].flip(0) for p in prompts]
+    sums, counts = acts[0].new_zeros(max(map(len, acts)), acts[0].size(1)), acts[0].new_zeros(max(map(len, acts)))
+    for a in acts:
+        sums[:len(a)] += a
+        counts[:len(a)] += 1
+    return sums / counts[:, None]
+
+
+@torch.no_grad()
+def steer(cfg):
+    cfg.device = resolve_device(cfg.device)
+    sparse, dense, bridges, data_dir = load_bridged(cfg)
+    if cfg.steer_site not in bridges.sites:
+        raise UserError(f"--steer_site={cfg.steer_site} is not a bridge site; allowed: {', '.join(bridges.sites)}")
+    enc = data.get_encoding(data.prepare(data.DataConfig(data_dir=data_dir), verbose=False))
+    prompts = tasks.make_prompts(cfg.steer_task, enc, cfg.steer_prompts, cfg.seed, "test")
+    source = [p for p in prompts if p.label == 1]          # the class whose values are written in
+    runs = [p for p in prompts if p.label == 0]            # the class the edit is run on
+    site, d = cfg.steer_site, sparse.config.d_model
+    mean_source = means_from_end(sparse, source, site, cfg.device)
+    mean_runs = means_from_end(sparse, runs, site, cfg.device)
+    n = min(len(mean_source), len(mean_runs))
+    gap = (mean_source[:n] - mean_runs[:n]).abs().mean(0)                # per channel, over offsets
+    channel = cfg.steer_channel if cfg.steer_channel >= 0 else int(gap.argmax())
+    if not 0 <= channel < d:
+        raise UserError(f"--steer_channel={channel} is outside [0, {d}) for {site}")
+    others = [c for c in range(d) if c != channel]
+    controls = random.Random(cfg.seed).sample(others, min(cfg.steer_controls, len(others)))
+
+    def edit_delta(p, s, c):
+        """Dense-side change: decode(s with channel c set to the source class's mean) - decode(s)."""
+        edited = s.clone()
+        m = min(s.size(1), mean_source.size(0))
+        edited[0, -m:, c] = mean_source[:m, c].flip(0)                     # offset j from the end
+        return bridges.decode(site, edited) - bridges.decode(site, s)
+
+    def probs(logits, p):
+        pr = F.softmax(logits[0, -1].float(), -1)
+        return pr[p.correct].item(), pr[p.alt].item()
+
+    rows = {"before": [], "edit": [], "control": []}
+    for p in runs:
+        idx = torch.tensor([p.ids], device=cfg.device)
+        _, cache = sparse.run_with_cache(idx, [site])
+        s = cache[site]
+        rows["before"].append(probs(dense(idx)[0], p))
+        delta = edit_delta(p, s, channel)
+        with dense.hooks({site: lambda x, name: x + delta}):
+            rows["edit"].append(probs(dense(idx)[0], p))
+        ctrl = []
+        for c in controls:   # a random channel's edit, scaled to the same size as the real one
+            dc = edit_delta(p, s, c)
+            dc = dc * delta.norm() / dc.norm().clamp_min(1e-12)
+            with dense.hooks({site: lambda x, name: x + dc}):
+                ctrl.append(probs(dense(idx)[0], p))
+        rows["control"].append(tuple(sum(v) / len(v) for v in zip(*ctrl)))
+    mean = {k: tuple(sum(v) / len(v) for v in zip(*r)) for k, r in rows.items()}
+    a, b = runs[0], source[0]
+    print(f"steer {cfg.steer_task}: {len(runs)} test prompts answered {enc.decode([a.correct])!r}; sparse channel "
+          f"{site}[{channel}] set to its mean over {len(source)} prompts answered {enc.decode([b.correct])!r}; "
+          f"control: {len(controls)} random channels, edits scaled to the same size")
+    print(f"{'dense model':<22} {'P(' + repr(enc.decode([a.correct])) + ')':>10} {'P(' + repr(enc.decode([a.alt])) + ')':>10}")
+    for k in ("before", "edit", "control"):
+        print(f"{k:<22} {mean[k][0]:10.4f} {mean[k][1]:10.4f}")
+    print(f"edit: P(correct) {mean['edit'][0] - mean['before'][0]:+.4f}, P(other) {mean['edit'][1] - mean['before'][1]:+.4f}"
+          f" | control: P(correct) {mean['control'][0] - mean['before'][0]:+.4f}, P(other) "
+          f"{mean['control'][1] - mean['before'][1]:+.4f}")
+    return {"site": site, "channel": channel, **mean}
+
+
+def main(argv):
+    cfg = parse_args(BridgeConfig, argv)
+    print("settings: " + json.dumps(dataclasses.asdict(cfg)))
+    if cfg.steer:
+        steer(cfg)
+    else:
+        print_eval(train_bridges(cfg))
+
+
+if __name__ == "__main__":
+    run_main(main)

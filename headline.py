@@ -1,0 +1,158 @@
+"""
+The paper's headline (METHOD.md section 6): at equal pretraining loss, circuits pruned from a
+weight-sparse model are many times smaller than circuits from a dense one. Given a sparse model and
+dense models of several widths (train.py checkpoints), this picks the dense model whose val loss
+is closest to the sparse one's, prunes both (prune.py) on every task both solve, and prints
+task | sparse edges | dense edges | ratio, with the geometric means and their ratio; it also draws
+val loss against circuit size, one point per model. The README has the commands that make the models.
+
+    python headline.py --sparse=out/cpu45/ckpt.pt --dense=out/dense32/ckpt.pt,out/dense64/ckpt.pt
+    python headline.py --help            # every setting
+
+Circuits are cached: out/headline/circuits/<model>/<task>.json is reused when it was pruned from the
+same checkpoint at the same target. The table and the plot: out/headline/headline{.json,.svg}.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import data
+import prune
+from config import UserError, parse_args, resolve_device, run_main
+from draw import SVG_HEAD, line, text
+from sparse_gpt import GPT, GPTConfig, load_checkpoint
+from tasks import TASKS, evaluate, make_prompts
+
+
+@dataclass
+class HeadlineConfig:
+    sparse: str = "out/cpu45/ckpt.pt"
+    dense: str = "out/dense32/ckpt.pt,out/dense48/ckpt.pt,out/dense64/ckpt.pt"   # comma-separated
+    target_loss: float = 0.15
+    n_test: int = 256                # test prompts per task to decide which tasks a model solves
+    out_dir: str = "out/headline"
+    device: str = "auto"
+
+
+def model_name(path):
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+def load(path, device):
+    """(model, val loss, tokenizer) of a train.py checkpoint."""
+    ckpt = load_checkpoint(path, device)
+    if "val_loss" not in ckpt:
+        raise UserError(f"{path} has no val_loss: is it a train.py checkpoint?")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    folder = data.prepare(data.DataConfig(data_dir=ckpt.get("train_config", {}).get("data_dir", "")), verbose=False)
+    return model.to(device).eval(), ckpt["val_loss"], data.get_encoding(folder)
+
+
+def solved_tasks(model, enc, cfg, device):
+    """{task: full-model test loss} of the tasks the model solves at the target."""
+    out = {}
+    for name in TASKS:
+        loss, _ = evaluate(model, make_prompts(name, enc, cfg.n_test, 0, "test"), device)
+        if loss <= cfg.target_loss:
+            out[name] = loss
+    return out
+
+
+def circuit(path, task, cfg, device):
+    """prune.py's record of task on the checkpoint at path: read from the cache, or pruned now."""
+    out_dir = os.path.join(cfg.out_dir, "circuits", model_name(path))
+    record = os.path.join(out_dir, task + ".json")
+    if os.path.exists(record):
+        with open(record) as f:
+            rec = json.load(f)
+        if rec["checkpoint"] == path and rec["settings"]["target_loss"] == cfg.target_loss:
+            return rec
+    prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
+                f"--device={device}"])
+    with open(record) as f:
+        return json.load(f)
+
+
+def geomean(values):
+    return math.exp(sum(math.log(max(1, v)) for v in values) / len(values))   # an empty circuit counts as 1
+
+
+def plot_svg(points):
+    """Val loss (x) against the geometric mean of circuit edges (y, log scale), one labeled dot per model."""
+    w, h, pad = 560, 380, 60
+    xs, ys = [p["val_loss"] for p in points], [math.log10(max(1.0, p["geomean_edges"])) for p in points]
+    x0, x1 = min(xs) - 0.05, max(xs) + 0.05
+    y0 = math.floor(min(ys))
+    y1 = max(y0 + 1, math.ceil(max(ys)))
+    px = lambda x: pad + (x - x0) / (x1 - x0) * (w - 2 * pad)
+    py = lambda y: h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)
+    out = [SVG_HEAD.format(w=w, h=h), line(pad, h - pad, w - pad, h - pad, "#222"), line(pad, pad, pad, h - pad, "#222"),
+           text(w / 2, h - 15, "pretraining val loss (nats/token)", anchor="middle"),
+           text(15, pad - 20, "circuit edges, geometric mean over tasks (log)")]
+    for e in range(y0, y1 + 1):
+        out += [line(pad - 4, py(e), pad, py(e), "#222"), text(pad - 8, py(e) + 4, f"1e{e}", anchor="end")]
+    for x in (x0 + 0.05, (x0 + x1) / 2, x1 - 0.05):
+        out += [line(px(x), h - pad, px(x), h - pad + 4, "#222"), text(px(x), h - pad + 18, f"{x:.2f}", anchor="middle")]
+    for p, y in zip(points, ys):
+        color = "#d62728" if p["kind"] == "sparse" else "#1f77b4"
+        out += [f'<circle cx="{px(p["val_loss"]):.1f}" cy="{py(y):.1f}" r="6" fill="{color}"/>',
+                text(px(p["val_loss"]) + 9, py(y) + 4, f'{p["name"]} ({p["kind"]})', color=color)]
+    return "\n".join(out + ["</svg>"])
+
+
+def main(argv):
+    cfg = parse_args(HeadlineConfig, argv)
+    print("settings: " + json.dumps(dataclasses.asdict(cfg)))
+    device = resolve_device(cfg.device)
+    dense_paths = [p for p in cfg.dense.split(",") if p]
+    if not dense_paths:
+        raise UserError("--dense is empty: give one or more dense checkpoints, comma-separated")
+    models = {}
+    for kind, path in [("sparse", cfg.sparse)] + [("dense", p) for p in dense_paths]:
+        model, val, enc = load(path, device)
+        models[path] = {"kind": kind, "name": model_name(path), "val_loss": val,
+                        "solved": solved_tasks(model, enc, cfg, device)}
+        print(f"{kind:<6} {path}: val loss {val:.4f}, solves {len(models[path]['solved'])} task(s) at "
+              f"{cfg.target_loss}: {', '.join(models[path]['solved']) or 'none'}")
+    sparse = models[cfg.sparse]
+    match = min(dense_paths, key=lambda p: abs(models[p]["val_loss"] - sparse["val_loss"]))
+    gap = models[match]["val_loss"] - sparse["val_loss"]
+    print(f"matched dense model: {match} (val loss {models[match]['val_loss']:.4f}, {gap:+.4f} from the sparse model)")
+    common = [t for t in TASKS if t in sparse["solved"] and t in models[match]["solved"]]
+    if not common:
+        raise UserError(f"no task is solved at --target_loss={cfg.target_loss} by both {cfg.sparse} and {match}")
+    rows = []
+    for task in common:
+        s, d = circuit(cfg.sparse, task, cfg, device), circuit(match, task, cfg, device)
+        rows.append({"task": task, "sparse_edges": s["n_edges"], "dense_edges": d["n_edges"],
+                     "sparse_nodes": s["n_nodes"], "dense_nodes": d["n_nodes"],
+                     "sparse_circuit_loss": s["losses"]["circuit"], "dense_circuit_loss": d["losses"]["circuit"]})
+    points = []
+    for path, m in models.items():        # a point per model that solves every common task
+        if all(t in m["solved"] for t in common):
+            edges = [circuit(path, t, cfg, device)["n_edges"] for t in common]
+            points.append({"name": m["name"], "kind": m["kind"], "val_loss": m["val_loss"], "geomean_edges": geomean(edges)})
+    print(f"\n{'task':<28} {'sparse edges':>12} {'dense edges':>12} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['task']:<28} {r['sparse_edges']:>12} {r['dense_edges']:>12} "
+              f"{r['dense_edges'] / max(1, r['sparse_edges']):>7.1f}")
+    gs, gd = geomean([r["sparse_edges"] for r in rows]), geomean([r["dense_edges"] for r in rows])
+    print(f"{'geometric mean':<28} {gs:>12.1f} {gd:>12.1f} {gd / gs:>7.1f}")
+    print(f"val loss: sparse {sparse['val_loss']:.4f} | dense {models[match]['val_loss']:.4f}; {len(rows)} task(s)")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    result = {"settings": dataclasses.asdict(cfg), "models": models, "matched_dense": match, "rows": rows,
+              "geomean_sparse": gs, "geomean_dense": gd, "ratio": gd / gs, "points": points}
+    for name, body in (("headline.json", json.dumps(result, indent=1)), ("headline.svg", plot_svg(points))):
+        path = os.path.join(cfg.out_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(body)
+        os.replace(path + ".tmp", path)
+    print(f"wrote {cfg.out_dir}/headline.json, {cfg.out_dir}/headline.svg")
+
+
+if __name__ == "__main__":
+    run_main(main)
