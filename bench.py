@@ -40,7 +40,7 @@ from train import PRESETS, TrainConfig, autocast_for, l0_at, make_optimizer, opt
 @dataclass
 class BenchConfig:
     shapes: str = "cpu,gpu"          # presets whose shapes to measure (comma-separated)
-    steps: int = 5                   # timed training steps per variant, after the warmup
+    steps: int = 10                  # timed training steps per variant, after the warmup
     warmup: int = 2                  # untimed steps first (torch.compile compiles here on GPU)
     cpu_batch_gpu_shape: int = 4     # the gpu preset's batch of 64 takes minutes per step on a CPU
     prune_ckpt: str = ""             # a checkpoint solving prune_task: time prune.py on it ("" = skip)

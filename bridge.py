@@ -231,6 +231,8 @@ def train_bridges(cfg):
         bridges.load_state_dict(ckpt["bridges"])
         bridge_opt.load_state_dict(ckpt["bridge_optimizer"])
         start = ckpt["step"]
+        if start >= cfg.max_iters:
+            raise UserError(f"{ckpt_path} is already at step {start} of --max_iters={cfg.max_iters}")
         print(f"resuming {ckpt_path} at step {start}")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
@@ -240,7 +242,8 @@ def train_bridges(cfg):
     print(f"dense {cfg.dense}: d_model {dense.config.d_model}; sparse: d_model {sparse.config.d_model}, "
           f"L0 {cfg.l0_frac:g}, AbsTopK {cfg.afrac:g}; {len(bridges.sites)} bridge sites")
 
-    tokens_per_step, t_log, autocast = cfg.batch_size * cfg.block_size, time.time(), autocast_for(cfg)
+    tokens_per_step, t0, autocast = cfg.batch_size * cfg.block_size, time.time(), autocast_for(cfg)
+    t_log = t0
     for step in range(start, cfg.max_iters):
         x, y = (t.to(cfg.device) for t in batch_for(train_tokens, step, 0, cfg))
         pick = random.Random(cfg.seed * 7919 + step)     # the sites of this step: reproducible on resume
@@ -263,6 +266,7 @@ def train_bridges(cfg):
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
                              "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder})
+    print(f"done: {cfg.max_iters - start} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     return ev
 
 # -----------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def curve_svg(rec):
     fx = lambda n: left + (width - left - right) * math.log10(1 + n) / xmax
     fy = lambda l: height - bottom - (height - top - bottom) * min(l, ymax) / ymax
     out = [SVG_HEAD.format(w=width, h=height),
-           text(10, 20, f"{rec['task']}: task loss against kept nodes (train prompts, fixed batches)", 14),
+           text(10, 20, f"{rec['task']}: task loss against kept nodes (the bisection prompts: fixed, not the masks' own)", 14),
            line(left, height - bottom, width - right, height - bottom, "#222"),
            line(left, top, left, height - bottom, "#222"),
            text((left + width) / 2, height - 12, "kept nodes (log scale)", 12, "middle")]
