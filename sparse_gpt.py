@@ -236,7 +236,7 @@ class GPT(nn.Module):
             x = block(x)
         logits = self.lm_head(self.norm_f(self.site_final(x)))
         if self.bigram is not None:
-            logits = logits + F.embedding(idx, self.bigram)   # logits += bigram[current token]
+            logits = logits.add_(F.embedding(idx, self.bigram))   # logits += bigram[current token], in place
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
