@@ -57,7 +57,7 @@ class BridgeConfig(TrainConfig):
     # steering (--steer=True): reads out_dir/ckpt.pt
     steer: bool = False
     steer_site: str = "1.resid_pre"  # a bridge site
-    steer_channel: int = -1          # a channel of the sparse model there; -1 = the one whose class means differ most
+    steer_channel: int = -1          # a channel of the sparse model there; -1 = the one whose edit moves the sparse model most
     steer_task: str = "single_double_quote"
     steer_prompts: int = 256         # test prompts, half of each class
     steer_controls: int = 8          # random channels whose edits, scaled to the same size, are the control
@@ -307,21 +307,33 @@ def steer(cfg):
     runs = [p for p in prompts if p.label == 0]            # the class the edit is run on
     site, d = cfg.steer_site, sparse.config.d_model
     mean_source = means_from_end(sparse, source, site, cfg.device)
-    mean_runs = means_from_end(sparse, runs, site, cfg.device)
-    n = min(len(mean_source), len(mean_runs))
-    gap = (mean_source[:n] - mean_runs[:n]).abs().mean(0)                # per channel, over offsets
-    channel = cfg.steer_channel if cfg.steer_channel >= 0 else int(gap.argmax())
+
+    def edited(s, c):
+        """s with channel c set to the source class's mean, at each offset from the end."""
+        out, m = s.clone(), min(s.size(1), mean_source.size(0))
+        out[0, -m:, c] = mean_source[:m, c].flip(0)
+        return out
+
+    def sparse_shift(c, prompts):
+        """Mean change of the sparse model's own logit difference (correct - other) under the edit."""
+        shift = 0.0
+        for p in prompts:
+            idx = torch.tensor([p.ids], device=cfg.device)
+            with sparse.hooks({site: lambda x, name: edited(x, c)}):
+                after = tasks.logit_diff(sparse(idx)[0][:, -1], *tasks.answer_ids([p], cfg.device))
+            before = tasks.logit_diff(sparse(idx)[0][:, -1], *tasks.answer_ids([p], cfg.device))
+            shift += (after - before).item() / len(prompts)
+        return shift
+    # default: the channel whose edit moves the sparse model's own answer most, on 16 of the prompts
+    channel = cfg.steer_channel if cfg.steer_channel >= 0 else min(range(d), key=lambda c: sparse_shift(c, runs[:16]))
     if not 0 <= channel < d:
         raise UserError(f"--steer_channel={channel} is outside [0, {d}) for {site}")
     others = [c for c in range(d) if c != channel]
     controls = random.Random(cfg.seed).sample(others, min(cfg.steer_controls, len(others)))
 
     def edit_delta(p, s, c):
-        """Dense-side change: decode(s with channel c set to the source class's mean) - decode(s)."""
-        edited = s.clone()
-        m = min(s.size(1), mean_source.size(0))
-        edited[0, -m:, c] = mean_source[:m, c].flip(0)                     # offset j from the end
-        return bridges.decode(site, edited) - bridges.decode(site, s)
+        """Dense-side change: decode(edited s) - decode(s)."""
+        return bridges.decode(site, edited(s, c)) - bridges.decode(site, s)
 
     def probs(logits, p):
         pr = F.softmax(logits[0, -1].float(), -1)
@@ -348,6 +360,7 @@ def steer(cfg):
     print(f"steer {cfg.steer_task}: {len(runs)} test prompts answered {enc.decode([a.correct])!r}; sparse channel "
           f"{site}[{channel}] set to its mean over {len(source)} prompts answered {enc.decode([b.correct])!r}; "
           f"control: {len(controls)} random channels, edits scaled to the same size")
+    print(f"the edit in the sparse model itself: logit difference (correct - other) {sparse_shift(channel, runs):+.3f}")
     print(f"{'dense model':<22} {'P(' + repr(enc.decode([a.correct])) + ')':>10} {'P(' + repr(enc.decode([a.alt])) + ')':>10}")
     for k in ("before", "edit", "control"):
         print(f"{k:<22} {mean[k][0]:10.4f} {mean[k][1]:10.4f}")
