@@ -314,18 +314,18 @@ def steer(cfg):
         out[0, -m:, c] = mean_source[:m, c].flip(0)
         return out
 
-    def sparse_shift(c, prompts):
-        """Mean change of the sparse model's own logit difference (correct - other) under the edit."""
-        shift = 0.0
-        for p in prompts:
-            idx = torch.tensor([p.ids], device=cfg.device)
-            with sparse.hooks({site: lambda x, name: edited(x, c)}):
-                after = tasks.logit_diff(sparse(idx)[0][:, -1], *tasks.answer_ids([p], cfg.device))
-            before = tasks.logit_diff(sparse(idx)[0][:, -1], *tasks.answer_ids([p], cfg.device))
-            shift += (after - before).item() / len(prompts)
-        return shift
+    def sparse_diff(p, c=None):
+        """The sparse model's logit difference (correct - other) on p, with channel c edited if given."""
+        with sparse.hooks({site: lambda x, name: edited(x, c)} if c is not None else {}):
+            logits = sparse(torch.tensor([p.ids], device=cfg.device))[0][:, -1]
+        return tasks.logit_diff(logits, *tasks.answer_ids([p], cfg.device)).item()
+    unedited = [sparse_diff(p) for p in runs]          # once: every channel's shift is against these
+
+    def sparse_shift(c, n):
+        """Mean change of the sparse model's own logit difference on the first n runs under the edit."""
+        return sum(sparse_diff(p, c) - base for p, base in zip(runs[:n], unedited)) / n
     # default: the channel whose edit moves the sparse model's own answer most, on 16 of the prompts
-    channel = cfg.steer_channel if cfg.steer_channel >= 0 else min(range(d), key=lambda c: sparse_shift(c, runs[:16]))
+    channel = cfg.steer_channel if cfg.steer_channel >= 0 else min(range(d), key=lambda c: sparse_shift(c, 16))
     if not 0 <= channel < d:
         raise UserError(f"--steer_channel={channel} is outside [0, {d}) for {site}")
     others = [c for c in range(d) if c != channel]
@@ -360,7 +360,7 @@ def steer(cfg):
     print(f"steer {cfg.steer_task}: {len(runs)} test prompts answered {enc.decode([a.correct])!r}; sparse channel "
           f"{site}[{channel}] set to its mean over {len(source)} prompts answered {enc.decode([b.correct])!r}; "
           f"control: {len(controls)} random channels, edits scaled to the same size")
-    print(f"the edit in the sparse model itself: logit difference (correct - other) {sparse_shift(channel, runs):+.3f}")
+    print(f"the edit in the sparse model itself: logit difference (correct - other) {sparse_shift(channel, len(runs)):+.3f}")
     print(f"{'dense model':<22} {'P(' + repr(enc.decode([a.correct])) + ')':>10} {'P(' + repr(enc.decode([a.alt])) + ')':>10}")
     for k in ("before", "edit", "control"):
         print(f"{k:<22} {mean[k][0]:10.4f} {mean[k][1]:10.4f}")

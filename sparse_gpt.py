@@ -339,7 +339,7 @@ def topk_weight_mask(w, k, min_per_channel):
         top = score.topk(min(min_per_channel, w.shape[1]), dim=1).indices
         score.scatter_(1, top, float("inf"))       # guaranteed keepers sort above everything
     flat = score.flatten()
-    threshold = flat.kthvalue(flat.numel() - k).values   # (n-k)-th smallest: fewer than k are above it
+    threshold = flat.kthvalue(flat.numel() - k).values   # (n-k)-th smallest: at most k are above it
     above, ties = flat > threshold, flat == threshold
     missing = k - above.sum()                            # ties at the threshold: take the first ones
     mask = above | (ties & (ties.cumsum(0) <= missing))  # (all on the device: no host sync)

@@ -287,6 +287,8 @@ def train(cfg):
     folder = data.prepare(data.DataConfig(data_dir=cfg.data_dir), verbose=master)
     enc = data.get_encoding(folder)
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
+    task_prompts = [p for p in tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test")
+                    if len(p.ids) <= cfg.block_size] if cfg.eval_task else []   # a short context sees fewer
 
     model = GPT(cfg.model_config()).to(cfg.device)
     optimizer = make_optimizer(model, cfg)
@@ -344,12 +346,9 @@ def train(cfg):
         if done % cfg.eval_interval == 0 or done == stop:
             losses = estimate_loss(raw, {"train": train_tokens, "val": val_tokens}, cfg, autocast)
             line = f"eval {done}: train {losses['train']:.4f} | val {losses['val']:.4f}"
-            if cfg.eval_task:   # the behaviour pruning needs, watched as it is learned
-                prompts = [p for p in tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test")
-                           if len(p.ids) <= cfg.block_size]                  # a short context sees fewer
-                if prompts:
-                    losses["task"], losses["task_acc"] = tasks.evaluate(raw, prompts, cfg.device)
-                    line += f" | {cfg.eval_task} {losses['task']:.3f} (acc {losses['task_acc']:.2f}, {len(prompts)} prompts)"
+            if task_prompts:   # the behaviour pruning needs, watched as it is learned
+                losses["task"], losses["task_acc"] = tasks.evaluate(raw, task_prompts, cfg.device)
+                line += f" | {cfg.eval_task} {losses['task']:.3f} (acc {losses['task_acc']:.2f}, {len(task_prompts)} prompts)"
             log(line)
             if master and cfg.sample_tokens:
                 prompt = torch.tensor([enc.encode("def ")], device=cfg.device)
