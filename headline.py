@@ -1,12 +1,14 @@
 """
 The paper's headline (METHOD.md section 6): at equal pretraining loss, circuits pruned from a
-weight-sparse model are many times smaller than circuits from a dense one. Given a sparse model and
-dense models of several widths (train.py checkpoints), this picks the dense model whose val loss
-is closest to the sparse one's, prunes both (prune.py) on every task both solve, and prints
-task | sparse edges | dense edges | ratio, with the geometric means and their ratio; it also draws
-val loss against circuit size, one point per model. The README has the commands that make the models.
+weight-sparse model are many times smaller than circuits from a dense one. Given sparse models and
+dense models of several widths (train.py checkpoints), this picks for each sparse model the dense
+model whose val loss is closest to its own, prunes both (prune.py) on every task both solve, and
+prints task | sparse edges | dense edges | ratio, with the geometric means and their ratio; it also
+draws val loss against circuit size, one point per model. The README has the commands that make
+the models.
 
     python headline.py --sparse=out/cpu45/ckpt.pt --dense=out/dense32/ckpt.pt,out/dense64/ckpt.pt
+    python headline.py --sparse=out/cpu45/ckpt.pt,out/cpu45_l32/ckpt.pt --dense=...   # a table per sparse model
     python headline.py --help            # every setting
 
 Circuits are cached: out/headline/circuits/<model>/<task>.json is reused when it was pruned from the
@@ -24,17 +26,26 @@ import prune
 from config import UserError, parse_args, resolve_device, run_main
 from draw import SVG_HEAD, line, text
 from sparse_gpt import GPT, GPTConfig, load_checkpoint
-from tasks import TASKS, evaluate, make_prompts
+from tasks import TASKS, evaluate, get_task, make_prompts
 
 
 @dataclass
 class HeadlineConfig:
-    sparse: str = "out/cpu45/ckpt.pt"
+    sparse: str = "out/cpu45/ckpt.pt"   # comma-separated: each gets its own matched dense model and table
     dense: str = "out/dense32/ckpt.pt,out/dense48/ckpt.pt,out/dense64/ckpt.pt"   # comma-separated
     target_loss: float = 0.15
+    prune_steps: int = 800           # prune.py's mask steps, the same for every model
+    tasks: str = ""                  # comma-separated subset of the 20 tasks to consider (empty = all)
     n_test: int = 256                # test prompts per task to decide which tasks a model solves
     out_dir: str = "out/headline"
     device: str = "auto"
+
+    def __post_init__(self):
+        for name in self.tasks.split(","):
+            if name:
+                get_task(name)        # an unknown task: a one-line UserError listing the known ones
+        if self.prune_steps <= 0:
+            raise UserError(f"--prune_steps={self.prune_steps} must be positive")
 
 
 def model_name(path):
@@ -52,10 +63,10 @@ def load(path, device):
     return model.to(device).eval(), ckpt["val_loss"], data.get_encoding(folder)
 
 
-def solved_tasks(model, enc, cfg, device):
-    """{task: full-model test loss} of the tasks the model solves at the target."""
+def solved_tasks(model, enc, names, cfg, device):
+    """{task: full-model test loss} of the tasks (of names) the model solves at the target."""
     out = {}
-    for name in TASKS:
+    for name in names:
         loss, _ = evaluate(model, make_prompts(name, enc, cfg.n_test, 0, "test"), device)
         if loss <= cfg.target_loss:
             out[name] = loss
@@ -69,10 +80,11 @@ def circuit(path, task, cfg, device):
     if os.path.exists(record):
         with open(record) as f:
             rec = json.load(f)
-        if rec["checkpoint"] == path and rec["settings"]["target_loss"] == cfg.target_loss:
+        if (rec["checkpoint"], rec["settings"]["target_loss"], rec["settings"]["steps"]) == \
+                (path, cfg.target_loss, cfg.prune_steps):
             return rec
     prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
-                f"--device={device}"])
+                f"--steps={cfg.prune_steps}", f"--device={device}"])
     with open(record) as f:
         return json.load(f)
 
@@ -104,54 +116,75 @@ def plot_svg(points):
     return "\n".join(out + ["</svg>"])
 
 
+def compare(sparse_path, dense_paths, models, cfg, device):
+    """One sparse model against the dense model of the closest val loss, on every task both solve."""
+    sparse = models[sparse_path]
+    match = min(dense_paths, key=lambda p: abs(models[p]["val_loss"] - sparse["val_loss"]))
+    gap = models[match]["val_loss"] - sparse["val_loss"]
+    print(f"\n{sparse['name']}: matched dense model {match} (val loss {models[match]['val_loss']:.4f}, "
+          f"{gap:+.4f} from the sparse model's {sparse['val_loss']:.4f})")
+    common = [t for t in TASKS if t in sparse["solved"] and t in models[match]["solved"]]
+    if not common:
+        raise UserError(f"no task is solved at --target_loss={cfg.target_loss} by both {sparse_path} and {match}")
+    rows = []
+    for task in common:
+        s, d = circuit(sparse_path, task, cfg, device), circuit(match, task, cfg, device)
+        rows.append({"task": task, "sparse_edges": s["n_edges"], "dense_edges": d["n_edges"],
+                     "sparse_nodes": s["n_nodes"], "dense_nodes": d["n_nodes"],
+                     "sparse_circuit_loss": s["losses"]["circuit"], "dense_circuit_loss": d["losses"]["circuit"]})
+    gs, gd = geomean([r["sparse_edges"] for r in rows]), geomean([r["dense_edges"] for r in rows])
+    return {"sparse": sparse_path, "matched_dense": match, "val_loss_gap": gap, "rows": rows,
+            "geomean_sparse": gs, "geomean_dense": gd, "ratio": gd / gs}
+
+
+def print_table(c, models):
+    print(f"\n{models[c['sparse']]['name']} vs {models[c['matched_dense']]['name']}")
+    print(f"{'task':<28} {'sparse edges':>12} {'dense edges':>12} {'ratio':>7}")
+    for r in c["rows"]:
+        print(f"{r['task']:<28} {r['sparse_edges']:>12} {r['dense_edges']:>12} "
+              f"{r['dense_edges'] / max(1, r['sparse_edges']):>7.1f}")
+    print(f"{'geometric mean':<28} {c['geomean_sparse']:>12.1f} {c['geomean_dense']:>12.1f} {c['ratio']:>7.1f}")
+    print(f"val loss: sparse {models[c['sparse']]['val_loss']:.4f} | dense "
+          f"{models[c['matched_dense']]['val_loss']:.4f}; {len(c['rows'])} task(s)")
+
+
 def main(argv):
     cfg = parse_args(HeadlineConfig, argv)
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
     device = resolve_device(cfg.device)
+    sparse_paths = [p for p in cfg.sparse.split(",") if p]
     dense_paths = [p for p in cfg.dense.split(",") if p]
-    if not dense_paths:
-        raise UserError("--dense is empty: give one or more dense checkpoints, comma-separated")
+    if not sparse_paths or not dense_paths:
+        raise UserError(f"--sparse={cfg.sparse!r} --dense={cfg.dense!r}: give one or more checkpoints to each, comma-separated")
+    names = [t for t in cfg.tasks.split(",") if t] or list(TASKS)
     models = {}
-    for kind, path in [("sparse", cfg.sparse)] + [("dense", p) for p in dense_paths]:
+    for kind, path in [("sparse", p) for p in sparse_paths] + [("dense", p) for p in dense_paths]:
         model, val, enc = load(path, device)
         models[path] = {"kind": kind, "name": model_name(path), "val_loss": val,
-                        "solved": solved_tasks(model, enc, cfg, device)}
+                        "solved": solved_tasks(model, enc, names, cfg, device)}
         print(f"{kind:<6} {path}: val loss {val:.4f}, solves {len(models[path]['solved'])} task(s) at "
               f"{cfg.target_loss}: {', '.join(models[path]['solved']) or 'none'}")
-    sparse = models[cfg.sparse]
-    match = min(dense_paths, key=lambda p: abs(models[p]["val_loss"] - sparse["val_loss"]))
-    gap = models[match]["val_loss"] - sparse["val_loss"]
-    print(f"matched dense model: {match} (val loss {models[match]['val_loss']:.4f}, {gap:+.4f} from the sparse model)")
-    common = [t for t in TASKS if t in sparse["solved"] and t in models[match]["solved"]]
-    if not common:
-        raise UserError(f"no task is solved at --target_loss={cfg.target_loss} by both {cfg.sparse} and {match}")
-    rows = []
-    for task in common:
-        s, d = circuit(cfg.sparse, task, cfg, device), circuit(match, task, cfg, device)
-        rows.append({"task": task, "sparse_edges": s["n_edges"], "dense_edges": d["n_edges"],
-                     "sparse_nodes": s["n_nodes"], "dense_nodes": d["n_nodes"],
-                     "sparse_circuit_loss": s["losses"]["circuit"], "dense_circuit_loss": d["losses"]["circuit"]})
+    comparisons = [compare(p, dense_paths, models, cfg, device) for p in sparse_paths]
+    # the plot: a point per model, over the tasks of every comparison, for each model that solves them all
+    plot_tasks = [t for t in TASKS if all(t in {r["task"] for r in c["rows"]} for c in comparisons)]
     points = []
-    for path, m in models.items():        # a point per model that solves every common task
-        if all(t in m["solved"] for t in common):
-            edges = [circuit(path, t, cfg, device)["n_edges"] for t in common]
+    for path, m in models.items():
+        if plot_tasks and all(t in m["solved"] for t in plot_tasks):
+            edges = [circuit(path, t, cfg, device)["n_edges"] for t in plot_tasks]
             points.append({"name": m["name"], "kind": m["kind"], "val_loss": m["val_loss"], "geomean_edges": geomean(edges)})
-    print(f"\n{'task':<28} {'sparse edges':>12} {'dense edges':>12} {'ratio':>7}")
-    for r in rows:
-        print(f"{r['task']:<28} {r['sparse_edges']:>12} {r['dense_edges']:>12} "
-              f"{r['dense_edges'] / max(1, r['sparse_edges']):>7.1f}")
-    gs, gd = geomean([r["sparse_edges"] for r in rows]), geomean([r["dense_edges"] for r in rows])
-    print(f"{'geometric mean':<28} {gs:>12.1f} {gd:>12.1f} {gd / gs:>7.1f}")
-    print(f"val loss: sparse {sparse['val_loss']:.4f} | dense {models[match]['val_loss']:.4f}; {len(rows)} task(s)")
+    for c in comparisons:
+        print_table(c, models)
+    print(f"plot: geometric mean of edges over {', '.join(plot_tasks) or 'no task common to every comparison'}")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    result = {"settings": dataclasses.asdict(cfg), "models": models, "matched_dense": match, "rows": rows,
-              "geomean_sparse": gs, "geomean_dense": gd, "ratio": gd / gs, "points": points}
-    for name, body in (("headline.json", json.dumps(result, indent=1)), ("headline.svg", plot_svg(points))):
+    result = {"settings": dataclasses.asdict(cfg), "models": models, "comparisons": comparisons,
+              "plot_tasks": plot_tasks, "points": points}
+    outputs = [("headline.json", json.dumps(result, indent=1))] + ([("headline.svg", plot_svg(points))] if points else [])
+    for name, body in outputs:
         path = os.path.join(cfg.out_dir, name)
         with open(path + ".tmp", "w") as f:
             f.write(body)
         os.replace(path + ".tmp", path)
-    print(f"wrote {cfg.out_dir}/headline.json, {cfg.out_dir}/headline.svg")
+    print("wrote " + ", ".join(os.path.join(cfg.out_dir, name) for name, _ in outputs))
 
 
 if __name__ == "__main__":

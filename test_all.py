@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import bench
 import bridge
+import headline
 import data
 import prune
 import tasks
@@ -694,6 +695,47 @@ def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, 
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, result.stderr)
     assert not (tmp_path / "out").exists()
+
+def save_tiny(path, model, val_loss):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "val_loss": val_loss,
+                "train_config": {"data_dir": ""}}, path)
+    return str(path)
+
+
+def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_ratio(tmp_path, corpus, monkeypatch,
+                                                                                   capsys):
+    torch.manual_seed(1)
+    dense = lambda: GPT(tiny_model().config).eval()                 # unprojected: every weight nonzero
+    sparse = save_tiny(tmp_path / "sparse" / "ckpt.pt", tiny_model(), 3.0)
+    far, near = (save_tiny(tmp_path / name / "ckpt.pt", dense(), val) for name, val in (("far", 2.5), ("near", 3.1)))
+    real_main, calls = prune.main, []
+    def fast_prune(argv):                                             # the real pruning, with tiny settings
+        calls.append(argv)
+        real_main(argv + fast_args(argv[0].split("=", 1)[1], argv[2].split("=", 1)[1])[2:])
+    monkeypatch.setattr(prune, "main", fast_prune)
+    args = [f"--sparse={sparse}", f"--dense={far},{near}", "--tasks=for_while,if_equals", "--target_loss=0.8",
+            "--prune_steps=3", f"--out_dir={tmp_path / 'h'}", "--device=cpu"]
+    headline.main(args)
+    result = json.loads(open_text(tmp_path / "h" / "headline.json"))
+    (c,) = result["comparisons"]
+    assert c["matched_dense"] == near and c["val_loss_gap"] == pytest.approx(0.1)
+    assert [r["task"] for r in c["rows"]] == ["for_while", "if_equals"]     # a random model "solves" both at 0.8
+    for r in c["rows"]:   # the table holds exactly what prune.py recorded
+        for kind, path in (("sparse", sparse), ("dense", near)):
+            rec = json.loads(open_text(tmp_path / "h" / "circuits" / kind.replace("dense", "near") / f"{r['task']}.json"))
+            assert r[f"{kind}_edges"] == rec["n_edges"] and rec["checkpoint"] == path and rec["settings"]["steps"] == 3
+    gs = math.sqrt(max(1, c["rows"][0]["sparse_edges"]) * max(1, c["rows"][1]["sparse_edges"]))
+    assert c["geomean_sparse"] == pytest.approx(gs) and c["ratio"] == pytest.approx(c["geomean_dense"] / gs)
+    assert len(result["points"]) == 3 and len(calls) == 6           # every model solves both tasks: all on the plot
+    svg = ET.parse(tmp_path / "h" / "headline.svg").getroot()
+    assert len(svg.findall("{http://www.w3.org/2000/svg}circle")) == 3
+    headline.main(args)
+    assert len(calls) == 6                                           # the second run reads every circuit from the cache
+    for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
+                       ("--prune_steps=0", "--prune_steps=0 must be positive")):
+        with pytest.raises(UserError, match=words):
+            headline.main(args + [bad])
 
 # -----------------------------------------------------------------------------
 # bridges
