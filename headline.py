@@ -11,8 +11,11 @@ the models.
     python headline.py --sparse=out/cpu45/ckpt.pt,out/cpu45_l32/ckpt.pt --dense=...   # a table per sparse model
     python headline.py --help            # every setting
 
-Circuits are cached: out/headline/circuits/<model>/<task>.json is reused when it was pruned from the
-same checkpoint at the same target. The table and the plot: out/headline/headline{.json,.svg}.
+Each circuit is the smallest (fewest edges) over prune.py runs at several node penalties k_coef, as
+the authors take the best circuit of a hyperparameter search: at one k_coef the mask search settles
+on a set of nodes whose size the penalty decides, and bisection cannot shrink it (its loss-vs-k
+curve is a cliff). Circuits are cached: out/headline/circuits/<model>/k_coef=<v>/<task>.json is
+reused when it was pruned from the same checkpoint with the same target, steps and k_coef. The table and the plot: out/headline/headline{.json,.svg}.
 """
 
 import dataclasses
@@ -35,6 +38,7 @@ class HeadlineConfig:
     dense: str = "out/dense32/ckpt.pt,out/dense48/ckpt.pt,out/dense64/ckpt.pt"   # comma-separated
     target_loss: float = 0.15
     prune_steps: int = 800           # prune.py's mask steps, the same for every model
+    k_coefs: str = "1e-4,1e-3,3e-3"  # prune.py's node penalty: each is tried, the smallest circuit kept
     tasks: str = ""                  # comma-separated subset of the 20 tasks to consider (empty = all)
     n_test: int = 256                # test prompts per task to decide which tasks a model solves
     out_dir: str = "out/headline"
@@ -46,6 +50,16 @@ class HeadlineConfig:
                 get_task(name)        # an unknown task: a one-line UserError listing the known ones
         if self.prune_steps <= 0:
             raise UserError(f"--prune_steps={self.prune_steps} must be positive")
+        self.k_coef_values()
+
+    def k_coef_values(self):
+        try:
+            values = [float(v) for v in self.k_coefs.split(",") if v]
+        except ValueError:
+            values = []
+        if not values or min(values) < 0:
+            raise UserError(f"--k_coefs={self.k_coefs!r}: need comma-separated numbers >= 0, e.g. 1e-4,1e-3")
+        return values
 
 
 def model_name(path):
@@ -73,20 +87,41 @@ def solved_tasks(model, enc, names, cfg, device):
     return out
 
 
-def circuit(path, task, cfg, device):
-    """prune.py's record of task on the checkpoint at path: read from the cache, or pruned now."""
-    out_dir = os.path.join(cfg.out_dir, "circuits", model_name(path))
+def circuit(path, task, k_coef, cfg, device):
+    """prune.py's record of task on the checkpoint at path with this k_coef: read from the cache, or
+    pruned now. None when no circuit meets the target on the bisection prompts."""
+    out_dir = os.path.join(cfg.out_dir, "circuits", model_name(path), f"k_coef={k_coef:g}")
     record = os.path.join(out_dir, task + ".json")
+    key = (path, cfg.target_loss, cfg.prune_steps, k_coef)
     if os.path.exists(record):
         with open(record) as f:
             rec = json.load(f)
-        if (rec["checkpoint"], rec["settings"]["target_loss"], rec["settings"]["steps"]) == \
-                (path, cfg.target_loss, cfg.prune_steps):
-            return rec
-    prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
-                f"--steps={cfg.prune_steps}", f"--device={device}"])
+        settings = rec["settings"]
+        if (rec["checkpoint"], settings["target_loss"], settings["steps"], settings["k_coef"]) == key:
+            return rec if rec["n_nodes"] is not None else None
+    try:
+        prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
+                    f"--steps={cfg.prune_steps}", f"--k_coef={k_coef}", f"--device={device}"])
+    except UserError as e:                  # no circuit at this k_coef: remembered, so not searched again
+        print(f"  k_coef {k_coef:g}: {e}")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(record, "w") as f:
+            json.dump({"checkpoint": path, "n_nodes": None, "error": str(e), "settings": {
+                "target_loss": cfg.target_loss, "steps": cfg.prune_steps, "k_coef": k_coef}}, f)
+        return None
     with open(record) as f:
         return json.load(f)
+
+
+def smallest_circuit(path, task, cfg, device):
+    """The paper's search: prune at every k_coef and keep the circuit with the fewest edges (chosen
+    by what the bisection prompts allow; every reported loss is still on the test prompts)."""
+    records = [circuit(path, task, k_coef, cfg, device) for k_coef in cfg.k_coef_values()]
+    found = [rec for rec in records if rec is not None]
+    if not found:
+        raise UserError(f"{path}: no circuit for {task} meets --target_loss={cfg.target_loss} at any of "
+                        f"--k_coefs={cfg.k_coefs}")
+    return min(found, key=lambda rec: rec["n_edges"])
 
 
 def geomean(values):
@@ -128,10 +163,11 @@ def compare(sparse_path, dense_paths, models, cfg, device):
         raise UserError(f"no task is solved at --target_loss={cfg.target_loss} by both {sparse_path} and {match}")
     rows = []
     for task in common:
-        s, d = circuit(sparse_path, task, cfg, device), circuit(match, task, cfg, device)
+        s, d = smallest_circuit(sparse_path, task, cfg, device), smallest_circuit(match, task, cfg, device)
         rows.append({"task": task, "sparse_edges": s["n_edges"], "dense_edges": d["n_edges"],
                      "sparse_nodes": s["n_nodes"], "dense_nodes": d["n_nodes"],
-                     "sparse_circuit_loss": s["losses"]["circuit"], "dense_circuit_loss": d["losses"]["circuit"]})
+                     "sparse_circuit_loss": s["losses"]["circuit"], "dense_circuit_loss": d["losses"]["circuit"],
+                     "sparse_k_coef": s["settings"]["k_coef"], "dense_k_coef": d["settings"]["k_coef"]})
     gs, gd = geomean([r["sparse_edges"] for r in rows]), geomean([r["dense_edges"] for r in rows])
     return {"sparse": sparse_path, "matched_dense": match, "val_loss_gap": gap, "rows": rows,
             "geomean_sparse": gs, "geomean_dense": gd, "ratio": gd / gs}
@@ -170,7 +206,7 @@ def main(argv):
     points = []
     for path, m in models.items():
         if plot_tasks and all(t in m["solved"] for t in plot_tasks):
-            edges = [circuit(path, t, cfg, device)["n_edges"] for t in plot_tasks]
+            edges = [smallest_circuit(path, t, cfg, device)["n_edges"] for t in plot_tasks]
             points.append({"name": m["name"], "kind": m["kind"], "val_loss": m["val_loss"], "geomean_edges": geomean(edges)})
     for c in comparisons:
         print_table(c, models)

@@ -715,25 +715,28 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
         real_main(argv + fast_args(argv[0].split("=", 1)[1], argv[2].split("=", 1)[1])[2:])
     monkeypatch.setattr(prune, "main", fast_prune)
     args = [f"--sparse={sparse}", f"--dense={far},{near}", "--tasks=for_while,if_equals", "--target_loss=0.8",
-            "--prune_steps=3", f"--out_dir={tmp_path / 'h'}", "--device=cpu"]
+            "--prune_steps=3", "--k_coefs=1e-4,0.5", f"--out_dir={tmp_path / 'h'}", "--device=cpu"]
     headline.main(args)
     result = json.loads(open_text(tmp_path / "h" / "headline.json"))
     (c,) = result["comparisons"]
     assert c["matched_dense"] == near and c["val_loss_gap"] == pytest.approx(0.1)
     assert [r["task"] for r in c["rows"]] == ["for_while", "if_equals"]     # a random model "solves" both at 0.8
-    for r in c["rows"]:   # the table holds exactly what prune.py recorded
-        for kind, path in (("sparse", sparse), ("dense", near)):
-            rec = json.loads(open_text(tmp_path / "h" / "circuits" / kind.replace("dense", "near") / f"{r['task']}.json"))
-            assert r[f"{kind}_edges"] == rec["n_edges"] and rec["checkpoint"] == path and rec["settings"]["steps"] == 3
+    for r in c["rows"]:   # each entry is the smallest circuit prune.py recorded over the k_coefs
+        for kind, name, path in (("sparse", "sparse", sparse), ("dense", "near", near)):
+            recs = [json.loads(open_text(tmp_path / "h" / "circuits" / name / f"k_coef={kc}" / f"{r['task']}.json"))
+                    for kc in ("0.0001", "0.5")]
+            found = [rec for rec in recs if rec["n_nodes"] is not None]
+            assert r[f"{kind}_edges"] == min(rec["n_edges"] for rec in found)
+            assert all(rec["checkpoint"] == path and rec["settings"]["steps"] == 3 for rec in recs)
     gs = math.sqrt(max(1, c["rows"][0]["sparse_edges"]) * max(1, c["rows"][1]["sparse_edges"]))
     assert c["geomean_sparse"] == pytest.approx(gs) and c["ratio"] == pytest.approx(c["geomean_dense"] / gs)
-    assert len(result["points"]) == 3 and len(calls) == 6           # every model solves both tasks: all on the plot
+    assert len(result["points"]) == 3 and len(calls) == 12          # every model solves both tasks: all on the plot
     svg = ET.parse(tmp_path / "h" / "headline.svg").getroot()
     assert len(svg.findall("{http://www.w3.org/2000/svg}circle")) == 3
     headline.main(args)
-    assert len(calls) == 6                                           # the second run reads every circuit from the cache
+    assert len(calls) == 12                                          # the second run reads every circuit from the cache
     for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
-                       ("--prune_steps=0", "--prune_steps=0 must be positive")):
+                       ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--k_coefs=1e-4,x", "--k_coefs")):
         with pytest.raises(UserError, match=words):
             headline.main(args + [bad])
 
