@@ -43,6 +43,7 @@ class BenchConfig:
     steps: int = 10                  # timed training steps per variant, after the warmup
     warmup: int = 2                  # untimed steps first (torch.compile compiles here on GPU)
     cpu_batch_gpu_shape: int = 4     # the gpu preset's batch of 64 takes minutes per step on a CPU
+    cpu_compile: bool = False        # torch.compile on a CPU too (inductor builds C++ kernels: needs a compiler)
     prune_ckpt: str = ""             # a checkpoint solving prune_task: time prune.py on it ("" = skip)
     prune_task: str = "single_double_quote"
     out_dir: str = "out/bench"
@@ -72,11 +73,11 @@ def seconds_per_call(fn, n, device):
 # -----------------------------------------------------------------------------
 # the pieces measured
 
-def variant(shape, device, batch_size, **overrides):
+def variant(shape, device, batch_size, cpu_compile=False, **overrides):
     """The TrainConfig of a preset shape, with overrides (l0_frac, afrac)."""
     cfg = TrainConfig(preset=shape, **{**PRESETS[shape], "device": device, "batch_size": batch_size})
     cfg = dataclasses.replace(cfg, **overrides)
-    cfg.compile = cfg.compile and device.startswith("cuda")   # CPU compile needs a C++ toolchain
+    cfg.compile = cfg.compile if device.startswith("cuda") else cpu_compile   # the GPU preset compiles
     return cfg
 
 
@@ -177,10 +178,10 @@ def bench_shape(shape, bc, device, peak_flops):
     batch = PRESETS[shape].get("batch_size", TrainConfig.batch_size)
     if device == "cpu" and shape != "cpu":
         batch = bc.cpu_batch_gpu_shape
-    sparse = variant(shape, device, batch)
+    sparse = variant(shape, device, batch, bc.cpu_compile)
     runs = {}
-    for name, cfg in (("dense", variant(shape, device, batch, l0_frac=1.0, afrac=1.0)), ("sparse", sparse),
-                      ("sparse_no_abstopk", variant(shape, device, batch, afrac=1.0))):
+    for name, cfg in (("dense", variant(shape, device, batch, bc.cpu_compile, l0_frac=1.0, afrac=1.0)), ("sparse", sparse),
+                      ("sparse_no_abstopk", variant(shape, device, batch, bc.cpu_compile, afrac=1.0))):
         runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup)
         print(f"  {shape} {name:<18} {runs[name]['ms_per_step']:9.1f} ms/step "
               f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB", flush=True)
