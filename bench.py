@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import UserError, parse_args, resolve_device, run_main
+from config import UserError, parse_args, resolve_device, run_main, write_atomic
 from sparse_gpt import GPT, target_nonzeros
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_optimizer, optimizer_step
 
@@ -180,8 +180,9 @@ def bench_shape(shape, bc, device, peak_flops):
         batch = bc.cpu_batch_gpu_shape
     sparse = variant(shape, device, batch, bc.cpu_compile)
     runs = {}
-    for name, cfg in (("dense", variant(shape, device, batch, bc.cpu_compile, l0_frac=1.0, afrac=1.0)), ("sparse", sparse),
-                      ("sparse_no_abstopk", variant(shape, device, batch, bc.cpu_compile, afrac=1.0))):
+    dense = variant(shape, device, batch, bc.cpu_compile, l0_frac=1.0, afrac=1.0)
+    no_abstopk = variant(shape, device, batch, bc.cpu_compile, afrac=1.0)
+    for name, cfg in (("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)):
         runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup)
         print(f"  {shape} {name:<18} {runs[name]['ms_per_step']:9.1f} ms/step "
               f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB", flush=True)
@@ -221,9 +222,7 @@ def main(argv):
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
     os.makedirs(bc.out_dir, exist_ok=True)
     path = os.path.join(bc.out_dir, f"{device.replace(':', '')}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
 
 

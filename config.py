@@ -1,12 +1,13 @@
 """
-nanoGPT's `--key=value` overrides, parsed against a settings dataclass (no exec), and the one-line
-error every script gives for a user mistake.
+nanoGPT's `--key=value` overrides, parsed against a settings dataclass (no exec), the one-line
+error every script gives for a user mistake, and the atomic write of a text output.
 
     cfg = parse_args(TrainConfig, sys.argv[1:])   # --help lists the fields and their defaults
 """
 
 import dataclasses
 import difflib
+import os
 import sys
 
 import torch
@@ -60,6 +61,13 @@ def default_of(field):
     if field.default is not dataclasses.MISSING:
         return field.default
     return field.default_factory()
+
+
+def write_atomic(path, text):
+    """Write text to path via a temp file and a rename: a reader never sees half a file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def resolve_device(name):

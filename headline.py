@@ -15,7 +15,8 @@ Each circuit is the smallest (fewest edges) over prune.py runs at several node p
 the authors take the best circuit of a hyperparameter search: at one k_coef the mask search settles
 on a set of nodes whose size the penalty decides, and bisection cannot shrink it (its loss-vs-k
 curve is a cliff). Circuits are cached: out/headline/circuits/<model>/k_coef=<v>/<task>.json is
-reused when it was pruned from the same checkpoint with the same target, steps and k_coef. The table and the plot: out/headline/headline{.json,.svg}.
+reused when it was pruned from the same checkpoint with the same target, steps and k_coef. The
+table and the plot: out/headline/headline{.json,.svg}.
 """
 
 import dataclasses
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import data
 import prune
-from config import UserError, parse_args, resolve_device, run_main
+from config import UserError, parse_args, resolve_device, run_main, write_atomic
 from draw import SVG_HEAD, line, text
 from sparse_gpt import GPT, GPTConfig, load_checkpoint
 from tasks import TASKS, evaluate, get_task, make_prompts
@@ -105,9 +106,8 @@ def circuit(path, task, k_coef, cfg, device):
     except UserError as e:                  # no circuit at this k_coef: remembered, so not searched again
         print(f"  k_coef {k_coef:g}: {e}")
         os.makedirs(out_dir, exist_ok=True)
-        with open(record, "w") as f:
-            json.dump({"checkpoint": path, "n_nodes": None, "error": str(e), "settings": {
-                "target_loss": cfg.target_loss, "steps": cfg.prune_steps, "k_coef": k_coef}}, f)
+        write_atomic(record, json.dumps({"checkpoint": path, "n_nodes": None, "error": str(e), "settings": {
+            "target_loss": cfg.target_loss, "steps": cfg.prune_steps, "k_coef": k_coef}}))
         return None
     with open(record) as f:
         return json.load(f)
@@ -216,10 +216,7 @@ def main(argv):
               "plot_tasks": plot_tasks, "points": points}
     outputs = [("headline.json", json.dumps(result, indent=1))] + ([("headline.svg", plot_svg(points))] if points else [])
     for name, body in outputs:
-        path = os.path.join(cfg.out_dir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(body)
-        os.replace(path + ".tmp", path)
+        write_atomic(os.path.join(cfg.out_dir, name), body)
     print("wrote " + ", ".join(os.path.join(cfg.out_dir, name) for name, _ in outputs))
 
 

@@ -43,7 +43,7 @@ from functools import partial
 import torch
 
 import data
-from config import UserError, parse_args, resolve_device, run_main
+from config import UserError, parse_args, resolve_device, run_main, write_atomic
 from draw import circuit_svg, curve_svg
 from sparse_gpt import ALL_SPARSE_SITES, GPT, GPTConfig, RMSNorm, load_checkpoint
 from tasks import TASKS, collate, get_task, make_prompts, prompt_losses, task_loss
@@ -469,9 +469,7 @@ def write_outputs(rec, out_dir):
     base = os.path.join(out_dir, rec["task"])
     for path, body in ((base + ".json", json.dumps(rec, indent=1)), (base + ".svg", circuit_svg(rec)),
                        (base + "_loss.svg", curve_svg(rec))):
-        with open(path + ".tmp", "w") as f:
-            f.write(body)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, body)
     return base
 
 
