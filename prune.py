@@ -214,14 +214,14 @@ def norm_hooks(model, fn):
 
 
 @torch.no_grad()
-def norm_mean_squares(model, idx):
-    """{norm name: mean(x^2) per position (B, T, 1)} in the unpruned model."""
+def norm_mean_squares(model, idx, last):
+    """{norm name: mean(x^2) per position (B, T, 1); (B, 1) for the final norm} in the unpruned model."""
     ms = {}
 
     def record(name, module, inputs, output):
         ms[name] = inputs[0].pow(2).mean(-1, keepdim=True)
     with norm_hooks(model, record):
-        model(idx)
+        model(idx, last=last)
     return ms
 
 
@@ -240,7 +240,7 @@ Batch = namedtuple("Batch", "idx last correct alt norm_ms")   # norm_ms: None un
 
 def make_batch(model, prompts, device, freeze_norm):
     idx, last, correct, alt = collate(prompts, device)
-    return Batch(idx, last, correct, alt, norm_mean_squares(model, idx) if freeze_norm else None)
+    return Batch(idx, last, correct, alt, norm_mean_squares(model, idx, last) if freeze_norm else None)
 
 
 def make_batches(model, prompts, device, cfg):
@@ -254,8 +254,7 @@ def circuit_logits(model, batch, masks, means):
     """Logits at each prompt's last position (B, vocab), nodes with mask 0 ablated (masks None: none)."""
     hooks = ablation_hooks(masks, means) if masks is not None else {}
     with model.hooks(hooks), frozen_norms(model, batch.norm_ms):
-        logits, _ = model(batch.idx)                                         # (B, T, vocab)
-    return logits[torch.arange(len(batch.last), device=logits.device), batch.last]
+        return model(batch.idx, last=batch.last)[0]
 
 
 @torch.no_grad()

@@ -86,7 +86,8 @@ def abstopk(x, k):
     """Keep the k entries of largest |x| along the last dim, zero the rest (gradient flows only
     through the kept ones, since the rest are multiplied by a constant 0)."""
     idx = x.abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+    return x * keep   # a bool mask: exactly k kept even with ties; backward is one multiply
 
 
 class Site(nn.Module):
@@ -225,7 +226,9 @@ class GPT(nn.Module):
             elif name.endswith("bias") or name.endswith("sink"):
                 nn.init.zeros_(p)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, last=None):
+        """-> (logits (B, T, vocab), loss or None); with last (B,) positions: logits (B, vocab) at
+        those positions only (task readouts need one position, and the unembedding costs a block)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
@@ -234,7 +237,11 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.norm_f(self.site_final(x)))
+        x = self.site_final(x)
+        if last is not None:
+            rows = torch.arange(B, device=idx.device)
+            x, idx = x[rows, last], idx[rows, last]
+        logits = self.lm_head(self.norm_f(x))
         if self.bigram is not None:
             logits = logits.add_(F.embedding(idx, self.bigram))   # logits += bigram[current token], in place
         loss = None

@@ -467,8 +467,7 @@ def last_logits(model, prompts, device, batch_size=64):
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         idx, last, _, _ = collate([prompts[i] for i in chunk], device)
-        logits, _ = model(idx)                                                # (B, T, vocab)
-        out[chunk] = logits[torch.arange(len(chunk), device=device), last].float().cpu()
+        out[chunk] = model(idx, last=last)[0].float().cpu()
     return out
 
 

@@ -59,6 +59,7 @@ def test_abstopk_keeps_exactly_k_largest_and_grads_only_through_them():
     assert (a.masked_fill(~kept, math.inf).amin(-1) >= a.masked_fill(kept, -math.inf).amax(-1)).all()
     (y * torch.randn_like(y)).sum().backward()
     assert ((x.grad != 0) == kept).all()
+    assert ((abstopk(torch.ones(3, 8), 3) != 0).sum(-1) == 3).all()   # ties: still exactly k
 
 
 def test_rmsnorm_matches_formula():
@@ -96,6 +97,8 @@ def test_hooks_record_and_replace_exactly_what_they_should():
     idx = torch.randint(0, 64, (2, 16))
     logits, cache = model.run_with_cache(idx)
     assert len(cache) == len(model.sites)
+    last = torch.tensor([15, 3])                           # logits at one position per row, as tasks read them
+    torch.testing.assert_close(model(idx, last=last)[0], logits[torch.arange(2), last])
     with model.hooks({name: (lambda x, name: x) for name in model.sites}):
         assert torch.equal(model(idx)[0], logits)         # identity hooks: bit-identical
     assert all(site.hook is None for site in model.sites.values())   # removed on exit
@@ -510,9 +513,12 @@ def test_top_k_masks_keep_the_largest_taus_and_tied_qk_share_one_unit():
 
 def test_frozen_norms_change_nothing_on_the_full_model_and_pin_the_scale_of_a_pruned_one():
     model = tiny_model()
-    idx = torch.randint(0, 2048, (2, 10))
-    ms = prune.norm_mean_squares(model, idx)
+    idx, last = torch.randint(0, 2048, (2, 10)), torch.tensor([9, 6])
+    ms = prune.norm_mean_squares(model, idx, last)
     assert len(ms) == 2 * 2 + 1                                       # norm1, norm2 per block, norm_f
+    with prune.frozen_norms(model, ms):
+        torch.testing.assert_close(model(idx, last=last)[0], GPT.forward(model, idx, last=last)[0], rtol=0, atol=1e-6)
+    ms = prune.norm_mean_squares(model, idx, None)
     with prune.frozen_norms(model, ms):
         torch.testing.assert_close(model(idx)[0], GPT.forward(model, idx)[0], rtol=0, atol=1e-6)
     # zero the whole residual stream's writes at layer 0: with frozen norms the later norms'
