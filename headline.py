@@ -7,7 +7,8 @@ prints task | sparse edges | dense edges | ratio, with the geometric means and t
 draws val loss against circuit size, one point per model. The README has the commands that make
 the models.
 
-    python headline.py --sparse=out/cpu45/ckpt.pt --dense=out/dense32/ckpt.pt,out/dense64/ckpt.pt
+    python headline.py                   # out/cpu45 against out/dense16 and out/dense32 (the README's 90-minute run)
+    python headline.py --dense=out/dense16/ckpt.pt,out/dense32/ckpt.pt,out/dense48/ckpt.pt --k_coefs=1e-4,1e-3,3e-3
     python headline.py --sparse=out/cpu45/ckpt.pt,out/cpu45_l32/ckpt.pt --dense=...   # a table per sparse model
     python headline.py --help            # every setting
 
@@ -36,10 +37,10 @@ from tasks import TASKS, evaluate, get_task, make_prompts
 @dataclass
 class HeadlineConfig:
     sparse: str = "out/cpu45/ckpt.pt"   # comma-separated: each gets its own matched dense model and table
-    dense: str = "out/dense32/ckpt.pt,out/dense48/ckpt.pt,out/dense64/ckpt.pt"   # comma-separated
+    dense: str = "out/dense16/ckpt.pt,out/dense32/ckpt.pt"   # comma-separated
     target_loss: float = 0.15
     prune_steps: int = 800           # prune.py's mask steps, the same for every model
-    k_coefs: str = "1e-4,1e-3,3e-3"  # prune.py's node penalty: each is tried, the smallest circuit kept
+    k_coefs: str = "1e-4,3e-3"       # prune.py's node penalty: each is tried, the smallest circuit kept
     tasks: str = ""                  # comma-separated subset of the 20 tasks to consider (empty = all)
     n_test: int = 256                # test prompts per task to decide which tasks a model solves
     out_dir: str = "out/headline"

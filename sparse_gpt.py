@@ -86,8 +86,7 @@ def abstopk(x, k):
     """Keep the k entries of largest |x| along the last dim, zero the rest (gradient flows only
     through the kept ones, since the rest are multiplied by a constant 0)."""
     idx = x.abs().topk(k, dim=-1, sorted=False).indices
-    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
-    return x * keep   # a bool mask: exactly k kept even with ties; backward is one multiply
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))   # exactly k kept, even with ties
 
 
 class Site(nn.Module):
