@@ -65,9 +65,10 @@ def default_of(field):
 
 def write_atomic(path, text):
     """Write text to path via a temp file and a rename: a reader never sees half a file."""
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"   # per process: parallel writers of one path never share a temp file
+    with open(tmp, "w") as f:
         f.write(text)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def resolve_device(name):

@@ -10,6 +10,7 @@ the models.
     python headline.py                   # out/cpu45 against out/dense16 and out/dense32 (the README's 90-minute run)
     python headline.py --dense=out/dense16/ckpt.pt,out/dense32/ckpt.pt,out/dense48/ckpt.pt --k_coefs=1e-4,1e-3,3e-3
     python headline.py --sparse=out/cpu45/ckpt.pt,out/cpu45_l32/ckpt.pt --dense=...   # a table per sparse model
+    python headline.py --jobs=8          # 8 prune runs at once (on a GPU: small models leave it idle)
     python headline.py --help            # every setting
 
 Each circuit is the smallest (fewest edges) over prune.py runs at several node penalties k_coef, as
@@ -23,6 +24,7 @@ table and the plot: out/headline/headline{.json,.svg}.
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 from dataclasses import dataclass
 
@@ -43,6 +45,7 @@ class HeadlineConfig:
     k_coefs: str = "1e-4,3e-3"       # prune.py's node penalty: each is tried, the smallest circuit kept
     tasks: str = ""                  # comma-separated subset of the 20 tasks to consider (empty = all)
     n_test: int = 256                # test prompts per task to decide which tasks a model solves
+    jobs: int = 1                    # prune runs at once, each in its own process (small models leave a GPU idle)
     out_dir: str = "out/headline"
     device: str = "auto"
 
@@ -50,8 +53,9 @@ class HeadlineConfig:
         for name in self.tasks.split(","):
             if name:
                 get_task(name)        # an unknown task: a one-line UserError listing the known ones
-        if self.prune_steps <= 0:
-            raise UserError(f"--prune_steps={self.prune_steps} must be positive")
+        for key in ("prune_steps", "jobs"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"--{key}={getattr(self, key)} must be positive")
         self.k_coef_values()
 
     def k_coef_values(self):
@@ -83,7 +87,12 @@ def solved_tasks(model, enc, names, cfg, device):
     """{task: full-model test loss} of the tasks (of names) the model solves at the target."""
     out = {}
     for name in names:
-        loss, _ = evaluate(model, make_prompts(name, enc, cfg.n_test, 0, "test"), device)
+        try:
+            prompts = make_prompts(name, enc, cfg.n_test, 0, "test")
+        except ValueError as e:     # another corpus, another tokenizer: an answer may not be one token
+            print(f"  skipped {name}: {e}")
+            continue
+        loss, _ = evaluate(model, prompts, device)
         if loss <= cfg.target_loss:
             out[name] = loss
     return out
@@ -152,14 +161,35 @@ def plot_svg(points):
     return "\n".join(out + ["</svg>"])
 
 
+def closest_dense(sparse_path, dense_paths, models):
+    return min(dense_paths, key=lambda p: abs(models[p]["val_loss"] - models[sparse_path]["val_loss"]))
+
+
+def solved_by_all(paths, models):
+    return [t for t in TASKS if all(t in models[p]["solved"] for p in paths)]
+
+
+def prune_in_parallel(sparse_paths, dense_paths, models, cfg, device):
+    """Fill the circuit cache with every run the tables and the plot need, cfg.jobs processes at a
+    time; main then reads them back in order, as if it had pruned them itself."""
+    pairs = [(s, closest_dense(s, dense_paths, models)) for s in sparse_paths]
+    plot_tasks = [t for t in TASKS if all(t in solved_by_all(pair, models) for pair in pairs)]
+    runs = [(p, t) for pair in pairs for t in solved_by_all(pair, models) for p in pair]
+    runs += [(p, t) for p in models if all(t in models[p]["solved"] for t in plot_tasks) for t in plot_tasks]
+    args = [(p, t, k, cfg, device) for p, t in dict.fromkeys(runs) for k in cfg.k_coef_values()]
+    print(f"pruning {len(args)} runs, {cfg.jobs} at a time")
+    with multiprocessing.get_context("spawn").Pool(cfg.jobs) as pool:   # spawn: CUDA works in the children
+        pool.starmap(circuit, args, chunksize=1)
+
+
 def compare(sparse_path, dense_paths, models, cfg, device):
     """One sparse model against the dense model of the closest val loss, on every task both solve."""
     sparse = models[sparse_path]
-    match = min(dense_paths, key=lambda p: abs(models[p]["val_loss"] - sparse["val_loss"]))
+    match = closest_dense(sparse_path, dense_paths, models)
     gap = models[match]["val_loss"] - sparse["val_loss"]
     print(f"\n{sparse['name']}: matched dense model {match} (val loss {models[match]['val_loss']:.4f}, "
           f"{gap:+.4f} from the sparse model's {sparse['val_loss']:.4f})")
-    common = [t for t in TASKS if t in sparse["solved"] and t in models[match]["solved"]]
+    common = solved_by_all([sparse_path, match], models)
     if not common:
         raise UserError(f"no task is solved at --target_loss={cfg.target_loss} by both {sparse_path} and {match}")
     rows = []
@@ -201,6 +231,8 @@ def main(argv):
                         "solved": solved_tasks(model, enc, names, cfg, device)}
         print(f"{kind:<6} {path}: val loss {val:.4f}, solves {len(models[path]['solved'])} task(s) at "
               f"{cfg.target_loss}: {', '.join(models[path]['solved']) or 'none'}")
+    if cfg.jobs > 1:
+        prune_in_parallel(sparse_paths, dense_paths, models, cfg, device)
     comparisons = [compare(p, dense_paths, models, cfg, device) for p in sparse_paths]
     # the plot: a point per model, over the tasks of every comparison, for each model that solves them all
     plot_tasks = [t for t in TASKS if all(t in {r["task"] for r in c["rows"]} for c in comparisons)]

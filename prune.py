@@ -181,8 +181,8 @@ def pretraining_means(model, ckpt_path, folder, cfg, device):
     count = cfg.mean_batches * cfg.mean_batch_size * model.config.block_size
     means = {name: (s / count).float() for name, s in sums.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(means, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    torch.save(means, f"{path}.{os.getpid()}.tmp")      # headline.py --jobs may write it from two processes
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
     return means, path
 
 

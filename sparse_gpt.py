@@ -339,13 +339,15 @@ def target_nonzeros(shape, frac, min_per_channel):
 
 def topk_weight_mask(w, k, min_per_channel):
     """0/1 mask keeping exactly k entries of w: each row's top-min_per_channel |w| first, then the
-    largest |w| of the rest. kthvalue + tie fill instead of a full sort (O(n), see bench.py)."""
+    largest |w| of the rest. A threshold + tie fill instead of a full sort (see bench.py)."""
     score = w.detach().abs().float()
     if w.dim() == 2 and min_per_channel > 0:
         top = score.topk(min(min_per_channel, w.shape[1]), dim=1).indices
         score.scatter_(1, top, float("inf"))       # guaranteed keepers sort above everything
     flat = score.flatten()
-    threshold = flat.kthvalue(flat.numel() - k).values   # (n-k)-th smallest: at most k are above it
+    # the k-th largest |w|: kthvalue is O(n) on a CPU but slow on one big CUDA slice, where topk is fast
+    threshold = (flat.kthvalue(flat.numel() - k + 1).values if flat.device.type == "cpu"
+                 else flat.topk(k, sorted=False).values.min())   # at most k - 1 are above it
     above, ties = flat > threshold, flat == threshold
     missing = k - above.sum()                            # ties at the threshold: take the first ones
     mask = above | (ties & (ties.cumsum(0) <= missing))  # (all on the device: no host sync)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 from collections import Counter
 
@@ -741,10 +742,36 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
     assert len(svg.findall("{http://www.w3.org/2000/svg}circle")) == 3
     headline.main(args)
     assert len(calls) == 12                                          # the second run reads every circuit from the cache
+
+    pooled = []
+    class SerialPool:                                                # --jobs's pool, run here (prune.main is patched)
+        def __init__(self, n): pass
+        def __enter__(self): return self
+        def __exit__(self, *exc): pass
+        def starmap(self, fn, args, chunksize=1):
+            pooled.extend(args)
+            return [fn(*a) for a in args]
+    monkeypatch.setattr(headline.multiprocessing, "get_context", lambda method: SimpleNamespace(Pool=SerialPool))
+    before = len(calls)
+    headline.main([a.replace(str(tmp_path / "h"), str(tmp_path / "hj")) for a in args] + ["--jobs=2"])
+    assert len(calls) - before == len(pooled) == 12                 # the pool pruned every run; main only read them
+    assert json.loads(open_text(tmp_path / "hj" / "headline.json"))["comparisons"] == result["comparisons"]
     for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
-                       ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--k_coefs=1e-4,x", "--k_coefs")):
+                       ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"), ("--k_coefs=1e-4,x", "--k_coefs")):
         with pytest.raises(UserError, match=words):
             headline.main(args + [bad])
+
+def test_headline_skips_a_task_whose_answer_this_tokenizer_splits(corpus, tiny_gpt, monkeypatch, capsys):
+    _, enc = corpus                                   # another corpus's BPE may split an answer: skip, do not crash
+    real = headline.make_prompts
+    def split_answer(name, *args):
+        if name == "if_equals":
+            raise ValueError("task if_equals: answer '==' (['=', '=']) is not one token")
+        return real(name, *args)
+    monkeypatch.setattr(headline, "make_prompts", split_answer)
+    cfg = headline.HeadlineConfig(target_loss=10.0, n_test=16)      # every posable task counts as solved
+    assert list(headline.solved_tasks(tiny_gpt, enc, ["for_while", "if_equals"], cfg, "cpu")) == ["for_while"]
+    assert "skipped if_equals: task if_equals: answer '=='" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
 # bridges

@@ -325,7 +325,7 @@ def train(cfg):
 
     for step in range(start, stop):
         # one step: accumulate gradients over micro-batches (DDP syncs on the last one only)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=cfg.device)   # a tensor: no host-device sync inside the step
         for micro in range(cfg.gradient_accumulation_steps):
             x, y = batch_for(train_tokens, step, micro, cfg, rank)
             x, y = x.to(cfg.device), y.to(cfg.device)
@@ -334,14 +334,14 @@ def train(cfg):
                 _, loss = model(x, y)
                 loss = loss / cfg.gradient_accumulation_steps
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().float()
         lr, frac = optimizer_step(raw, optimizer, step, cfg, scaler)
         history.append((step, loss_sum))
 
         done = step + 1
         if done % cfg.log_interval == 0 or done == stop:
             dt, t_log, steps_since = (time.time() - t_log) / (done - steps_since), time.time(), done
-            log(f"step {done:5d} | loss {loss_sum:.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
+            log(f"step {done:5d} | loss {loss_sum.item():.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
                 f"{tokens_per_step / dt:7.0f} tok/s | {dt * 1000:6.1f} ms/step")
         if done % cfg.eval_interval == 0 or done == stop:
             losses = estimate_loss(raw, {"train": train_tokens, "val": val_tokens}, cfg, autocast)
@@ -371,7 +371,8 @@ def train(cfg):
         log(f"done: {len(history)} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     if ddp:
         dist.destroy_process_group()
-    return history
+    losses = torch.stack([loss for _, loss in history]).tolist() if history else []   # one sync, at the end
+    return [(step, loss) for (step, _), loss in zip(history, losses)]
 
 
 def main(argv):
