@@ -292,13 +292,19 @@ class GPT(nn.Module):
     @torch.no_grad()
     def project_weights(self, frac):
         """Weight top-k projection: keep the nonzero target of every sparse parameter (see
-        target_nonzeros), each row's top-min_per_channel first. Returns the total nonzeros kept."""
-        kept = 0
+        target_nonzeros), each row's top-min_per_channel first. Parameters of one shape (one per
+        layer) are projected together, stacked: a few large operations instead of many small ones,
+        each of which costs a kernel launch on a GPU. Returns the total nonzeros kept."""
+        by_shape = {}
         for _, p in self.sparse_params():
-            k = target_nonzeros(p.shape, frac, self.config.min_per_channel)
-            if k < p.numel():
-                p.mul_(topk_weight_mask(p, k, self.config.min_per_channel))
-            kept += k
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        kept = 0
+        for shape, params in by_shape.items():
+            k = target_nonzeros(shape, frac, self.config.min_per_channel)
+            if k < math.prod(shape):
+                masks = topk_weight_mask(torch.stack(params), k, self.config.min_per_channel)
+                torch._foreach_mul_(params, list(masks.unbind(0)))
+            kept += k * len(params)
         return kept
 
     def num_params(self):
@@ -338,19 +344,20 @@ def target_nonzeros(shape, frac, min_per_channel):
 
 
 def topk_weight_mask(w, k, min_per_channel):
-    """0/1 mask keeping exactly k entries of w: each row's top-min_per_channel |w| first, then the
-    largest |w| of the rest. A threshold + tie fill instead of a full sort (see bench.py)."""
+    """0/1 masks for a stack w (P, *shape) of same-shape parameters, each keeping exactly k entries:
+    a matrix's top-min_per_channel |w| of every row first, then the largest |w| of the rest.
+    A threshold and a tie fill instead of a full sort (see bench.py)."""
     score = w.detach().abs().float()
-    if w.dim() == 2 and min_per_channel > 0:
-        top = score.topk(min(min_per_channel, w.shape[1]), dim=1).indices
-        score.scatter_(1, top, float("inf"))       # guaranteed keepers sort above everything
-    flat = score.flatten()
-    # the k-th largest |w|: kthvalue is O(n) on a CPU but slow on one big CUDA slice, where topk is fast
-    threshold = (flat.kthvalue(flat.numel() - k + 1).values if flat.device.type == "cpu"
-                 else flat.topk(k, sorted=False).values.min())   # at most k - 1 are above it
+    if w.dim() == 3 and min_per_channel > 0:
+        top = score.topk(min(min_per_channel, w.shape[2]), dim=2).indices
+        score.scatter_(2, top, float("inf"))       # guaranteed keepers sort above everything
+    flat = score.flatten(1)                        # (P, numel)
+    # each one's k-th largest |w|: kthvalue is O(n) on a CPU but slow on CUDA, where topk is fast
+    threshold = (flat.kthvalue(flat.size(1) - k + 1, dim=1, keepdim=True).values if flat.device.type == "cpu"
+                 else flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True))   # k - 1 at most above it
     above, ties = flat > threshold, flat == threshold
-    missing = k - above.sum()                            # ties at the threshold: take the first ones
-    mask = above | (ties & (ties.cumsum(0) <= missing))  # (all on the device: no host sync)
+    missing = k - above.sum(1, keepdim=True)                 # ties at the threshold: take the first ones
+    mask = above | (ties & (ties.cumsum(1) <= missing))      # (all on the device: no host sync)
     return mask.view_as(w).to(w.dtype)
 
 

@@ -148,9 +148,9 @@ def test_projection_exact_counts_min_per_channel_and_dense_parts_untouched():
 def test_topk_weight_mask_is_exact_with_ties():
     w = torch.zeros(10, 10)
     w[0, :3] = 1.0
-    mask = topk_weight_mask(w, 45, 4)
-    assert int(mask.sum()) == 45 and (mask.sum(1) >= 4).all()
-    assert mask[0, :3].all()
+    mask = topk_weight_mask(torch.stack([w, -w.T]), 45, 4)           # a stack: each keeps its own 45
+    assert mask.sum((1, 2)).tolist() == [45, 45] and (mask.sum(2) >= 4).all()
+    assert mask[0, 0, :3].all() and mask[1, :3, 0].all()
 
 
 def test_target_nonzeros():
