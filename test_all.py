@@ -757,9 +757,11 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
     assert len(calls) - before == len(pooled) == 12                 # the pool pruned every run; main only read them
     assert json.loads(open_text(tmp_path / "hj" / "headline.json"))["comparisons"] == result["comparisons"]
     for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
-                       ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"), ("--k_coefs=1e-4,x", "--k_coefs")):
+                       ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"),
+                       ("--k_coefs=1e-4,x", "--k_coefs")):
         with pytest.raises(UserError, match=words):
             headline.main(args + [bad])
+
 
 def test_headline_skips_a_task_whose_answer_this_tokenizer_splits(corpus, tiny_gpt, monkeypatch, capsys):
     _, enc = corpus                                   # another corpus's BPE may split an answer: skip, do not crash
@@ -772,6 +774,7 @@ def test_headline_skips_a_task_whose_answer_this_tokenizer_splits(corpus, tiny_g
     cfg = headline.HeadlineConfig(target_loss=10.0, n_test=16)      # every posable task counts as solved
     assert list(headline.solved_tasks(tiny_gpt, enc, ["for_while", "if_equals"], cfg, "cpu")) == ["for_while"]
     assert "skipped if_equals: task if_equals: answer '=='" in capsys.readouterr().out
+
 
 # -----------------------------------------------------------------------------
 # bridges
