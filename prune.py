@@ -381,7 +381,7 @@ def circuit_edges(model, keep):
             src, dst = f"{layer}.{src}", f"{layer}.{dst}"
             # w is (out, in): entry [j, i] carries input node i to output node j
             hit = (w != 0) & (keep[dst] > 0)[:, None] & (keep[src] > 0)[None, :]
-            edges += [(src, i, dst, j, w[j, i].item()) for j, i in hit.nonzero().tolist()]
+            edges += [(src, i, dst, j, v) for (j, i), v in zip(hit.nonzero().tolist(), w[hit].tolist())]   # both row-major
     return edges
 
 # -----------------------------------------------------------------------------
@@ -414,8 +414,9 @@ def circuit_record(model, name, taus, keep, k, curve, means, cfg):
     """What <task>.json holds, less the losses: nodes with their site, index, mean and tau; edges
     with their weights; counts per site kind and edge type; the loss-vs-k curve; the settings."""
     edges = circuit_edges(model, keep)
-    nodes = [{"site": s, "index": i, "mean": means[s][i].item(), "tau": taus[s][i].item()}
-             for s in node_sites(model) for i in keep[s].nonzero()[:, 0].tolist()]
+    kept = {s: keep[s].nonzero()[:, 0] for s in node_sites(model)}   # one transfer per site, not per node
+    nodes = [{"site": s, "index": i, "mean": mean, "tau": tau} for s, idx in kept.items()
+             for i, mean, tau in zip(idx.tolist(), means[s][idx].tolist(), taus[s].detach()[idx].tolist())]
     short = lambda site: site.split(".", 1)[1]                           # "0.attn.q" -> "attn.q"
     return {"task": name, "checkpoint": cfg.ckpt, "settings": dataclasses.asdict(cfg),
             "model_config": dataclasses.asdict(model.config), "k": k, "units": sum(t.numel() for t in unique(taus)),
