@@ -20,6 +20,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   matmuls, so its FLOPs are counted as dense.
 - forward time with no hook against recording one site; the time to prune one task (if given a
   checkpoint that solves it).
+- where the preset compiles (the GPU preset on a GPU): dense and sparse eager too, for what
+  torch.compile buys.
 """
 
 import dataclasses
@@ -182,7 +184,10 @@ def bench_shape(shape, bc, device, peak_flops):
     runs = {}
     dense = variant(shape, device, batch, bc.cpu_compile, l0_frac=1.0, afrac=1.0)
     no_abstopk = variant(shape, device, batch, bc.cpu_compile, afrac=1.0)
-    for name, cfg in (("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)):
+    variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
+    if sparse.compile:                # the GPU preset compiles: what that buys, against eager
+        variants += [(name + "_eager", dataclasses.replace(cfg, compile=False)) for name, cfg in variants[:2]]
+    for name, cfg in variants:
         runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup)
         print(f"  {shape} {name:<18} {runs[name]['ms_per_step']:9.1f} ms/step "
               f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB", flush=True)
@@ -199,7 +204,9 @@ def bench_shape(shape, bc, device, peak_flops):
             "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,
             "abstopk_share": max(0.0, (s - n) / s), "naive_over_ours_projection": naive / ours,
             "projection_ms": ours * 1e3, "naive_projection_ms": naive * 1e3,
-            "forward_ms": plain_ms, "forward_recording_ms": recorded_ms}
+            "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
+            "compile_speedup": {v: runs[v + "_eager"]["ms_per_step"] / runs[v]["ms_per_step"]
+                                for v in ("dense", "sparse") if v + "_eager" in runs}}
 
 
 def main(argv):
@@ -216,7 +223,8 @@ def main(argv):
               f"of a step | AbsTopK {r['abstopk_share']:.1%} | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
               f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "
               f"{r['runs']['sparse']['mfu']:.1%} dense {r['runs']['dense']['mfu']:.1%} | forward "
-              f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms")
+              f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms"
+              + "".join(f" | compiled {v} {x:.2f}x eager" for v, x in r["compile_speedup"].items()))
     if bc.prune_ckpt:
         result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device)
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
