@@ -45,6 +45,7 @@ class HeadlineConfig:
     k_coefs: str = "1e-4,3e-3"       # prune.py's node penalty: each is tried, the smallest circuit kept
     tasks: str = ""                  # comma-separated subset of the 20 tasks to consider (empty = all)
     n_test: int = 256                # test prompts per task to decide which tasks a model solves
+    prune_seed: int = 0              # prune.py's --seed (mask init, prompt order): another seed, another draw
     jobs: int = 1                    # prune runs at once, each in its own process (small models leave a GPU idle)
     out_dir: str = "out/headline"
     device: str = "auto"
@@ -101,23 +102,25 @@ def solved_tasks(model, enc, names, cfg, device):
 def circuit(path, task, k_coef, cfg, device):
     """prune.py's record of task on the checkpoint at path with this k_coef: read from the cache, or
     pruned now. None when no circuit meets the target on the bisection prompts."""
-    out_dir = os.path.join(cfg.out_dir, "circuits", model_name(path), f"k_coef={k_coef:g}")
+    seed = f"_seed={cfg.prune_seed}" if cfg.prune_seed else ""     # seed 0 keeps the folders it always had
+    out_dir = os.path.join(cfg.out_dir, "circuits", model_name(path), f"k_coef={k_coef:g}{seed}")
     record = os.path.join(out_dir, task + ".json")
-    key = (path, cfg.target_loss, cfg.prune_steps, k_coef)
+    key = (path, cfg.target_loss, cfg.prune_steps, k_coef, cfg.prune_seed)
     if os.path.exists(record):
         with open(record) as f:
             rec = json.load(f)
         settings = rec["settings"]
-        if (rec["checkpoint"], settings["target_loss"], settings["steps"], settings["k_coef"]) == key:
+        if (rec["checkpoint"], settings["target_loss"], settings["steps"], settings["k_coef"],
+                settings.get("seed", 0)) == key:
             return rec if rec["n_nodes"] is not None else None
     try:
         prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
-                    f"--steps={cfg.prune_steps}", f"--k_coef={k_coef}", f"--device={device}"])
+                    f"--steps={cfg.prune_steps}", f"--k_coef={k_coef}", f"--seed={cfg.prune_seed}", f"--device={device}"])
     except UserError as e:                  # no circuit at this k_coef: remembered, so not searched again
         print(f"  k_coef {k_coef:g}: {e}")
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(record, json.dumps({"checkpoint": path, "n_nodes": None, "error": str(e), "settings": {
-            "target_loss": cfg.target_loss, "steps": cfg.prune_steps, "k_coef": k_coef}}))
+            "target_loss": cfg.target_loss, "steps": cfg.prune_steps, "k_coef": k_coef, "seed": cfg.prune_seed}}))
         return None
     with open(record) as f:
         return json.load(f)

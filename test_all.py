@@ -756,6 +756,11 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
     headline.main([a.replace(str(tmp_path / "h"), str(tmp_path / "hj")) for a in args] + ["--jobs=2"])
     assert len(calls) - before == len(pooled) == 12                 # the pool pruned every run; main only read them
     assert json.loads(open_text(tmp_path / "hj" / "headline.json"))["comparisons"] == result["comparisons"]
+    before = len(calls)
+    headline.main(args + ["--prune_seed=1"])                         # another seed: its own circuits, not the cache
+    assert len(calls) - before == 12 and all("--seed=1" in argv for argv in calls[before:])
+    rec = json.loads(open_text(tmp_path / "h" / "circuits" / "sparse" / "k_coef=0.0001_seed=1" / "for_while.json"))
+    assert rec["settings"]["seed"] == 1
     for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
                        ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"),
                        ("--k_coefs=1e-4,x", "--k_coefs")):
