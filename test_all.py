@@ -684,6 +684,9 @@ def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, caps
     assert len(os.listdir(tmp_path / "c" / "means")) == 1
     prune.main(fast_args(tiny_ckpt, tmp_path / "c", "--target_loss=0.8", "--task=for_while"))
     assert len(os.listdir(tmp_path / "c" / "means")) == 1                # the means come from the cache
+    prune.main(fast_args(tiny_ckpt, tmp_path / "s1", "--target_loss=0.8", "--task=for_while", "--seed=1"))
+    other = json.loads(open_text(tmp_path / "s1" / "for_while.json"))  # another search, the same test set
+    assert other["losses"]["full"] == rec["losses"]["full"] and other["settings"]["seed"] == 1
 
 
 def run_prune(*args):
