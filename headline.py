@@ -11,6 +11,7 @@ the models.
     python headline.py --dense=out/dense16/ckpt.pt,out/dense32/ckpt.pt,out/dense48/ckpt.pt --k_coefs=1e-4,1e-3,3e-3
     python headline.py --sparse=out/cpu45/ckpt.pt,out/cpu45_l32/ckpt.pt --dense=...   # a table per sparse model
     python headline.py --jobs=8          # 8 prune runs at once (on a GPU: small models leave it idle)
+    python headline.py --prune_seed=1 --out_dir=out/headline_s1   # another draw of the mask search
     python headline.py --help            # every setting
 
 Each circuit is the smallest (fewest edges) over prune.py runs at several node penalties k_coef, as
