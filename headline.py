@@ -11,15 +11,16 @@ the models.
     python headline.py --dense=out/dense16/ckpt.pt,out/dense32/ckpt.pt,out/dense48/ckpt.pt --k_coefs=1e-4,1e-3,3e-3
     python headline.py --sparse=out/cpu45/ckpt.pt,out/cpu45_l32/ckpt.pt --dense=...   # a table per sparse model
     python headline.py --jobs=8          # 8 prune runs at once (on a GPU: small models leave it idle)
-    python headline.py --prune_seed=1 --out_dir=out/headline_s1   # another draw of the mask search
+    python headline.py --prune_seeds=0,1,2   # the search over 3 draws of prune.py's seed too
     python headline.py --help            # every setting
 
-Each circuit is the smallest (fewest edges) over prune.py runs at several node penalties k_coef, as
-the authors take the best circuit of a hyperparameter search: at one k_coef the mask search settles
-on a set of nodes whose size the penalty decides, and bisection cannot shrink it (its loss-vs-k
-curve is a cliff). Circuits are cached: out/headline/circuits/<model>/k_coef=<v>/<task>.json is
-reused when it was pruned from the same checkpoint with the same target, steps and k_coef. The
-table and the plot: out/headline/headline{.json,.svg}.
+Each circuit is the smallest (fewest edges) over prune.py runs at several node penalties k_coef
+(and seeds, --prune_seeds), as the authors take the best circuit of a hyperparameter search: at one
+k_coef the mask search settles on a set of nodes whose size the penalty decides, and bisection
+cannot shrink it (its loss-vs-k curve is a cliff). Circuits are cached:
+out/headline/circuits/<model>/k_coef=<v>[_seed=<s>]/<task>.json is reused when it was pruned from
+the same checkpoint with the same target, steps, k_coef and seed. The table and the plot:
+out/headline/headline{.json,.svg}.
 """
 
 import dataclasses
@@ -46,7 +47,7 @@ class HeadlineConfig:
     k_coefs: str = "1e-4,3e-3"       # prune.py's node penalty: each is tried, the smallest circuit kept
     tasks: str = ""                  # comma-separated subset of the 20 tasks to consider (empty = all)
     n_test: int = 256                # test prompts per task to decide which tasks a model solves
-    prune_seed: int = 0              # prune.py's --seed (mask init, prompt order): another seed, another draw
+    prune_seeds: str = "0"           # prune.py's --seed (train prompts, mask init, batches): each is tried too
     jobs: int = 1                    # prune runs at once, each in its own process (small models leave a GPU idle)
     out_dir: str = "out/headline"
     device: str = "auto"
@@ -58,7 +59,17 @@ class HeadlineConfig:
         for key in ("prune_steps", "jobs"):
             if getattr(self, key) <= 0:
                 raise UserError(f"--{key}={getattr(self, key)} must be positive")
-        self.k_coef_values()
+        self.search_grid()
+
+    def search_grid(self):
+        """The (k_coef, seed) pairs each circuit is searched over."""
+        try:
+            seeds = [int(v) for v in self.prune_seeds.split(",") if v]
+        except ValueError:
+            seeds = []
+        if not seeds or min(seeds) < 0:
+            raise UserError(f"--prune_seeds={self.prune_seeds!r}: need comma-separated integers >= 0, e.g. 0,1,2")
+        return [(k_coef, seed) for k_coef in self.k_coef_values() for seed in seeds]
 
     def k_coef_values(self):
         try:
@@ -100,13 +111,13 @@ def solved_tasks(model, enc, names, cfg, device):
     return out
 
 
-def circuit(path, task, k_coef, cfg, device):
-    """prune.py's record of task on the checkpoint at path with this k_coef: read from the cache, or
-    pruned now. None when no circuit meets the target on the bisection prompts."""
-    seed = f"_seed={cfg.prune_seed}" if cfg.prune_seed else ""     # seed 0 keeps the folders it always had
-    out_dir = os.path.join(cfg.out_dir, "circuits", model_name(path), f"k_coef={k_coef:g}{seed}")
+def circuit(path, task, k_coef, seed, cfg, device):
+    """prune.py's record of task on the checkpoint at path with this k_coef and seed: read from the
+    cache, or pruned now. None when no circuit meets the target on the bisection prompts."""
+    folder = f"k_coef={k_coef:g}" + (f"_seed={seed}" if seed else "")   # seed 0 keeps the folders it always had
+    out_dir = os.path.join(cfg.out_dir, "circuits", model_name(path), folder)
     record = os.path.join(out_dir, task + ".json")
-    key = (path, cfg.target_loss, cfg.prune_steps, k_coef, cfg.prune_seed)
+    key = (path, cfg.target_loss, cfg.prune_steps, k_coef, seed)
     if os.path.exists(record):
         with open(record) as f:
             rec = json.load(f)
@@ -116,25 +127,25 @@ def circuit(path, task, k_coef, cfg, device):
             return rec if rec["n_nodes"] is not None else None
     try:
         prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
-                    f"--steps={cfg.prune_steps}", f"--k_coef={k_coef}", f"--seed={cfg.prune_seed}", f"--device={device}"])
+                    f"--steps={cfg.prune_steps}", f"--k_coef={k_coef}", f"--seed={seed}", f"--device={device}"])
     except UserError as e:                  # no circuit at this k_coef: remembered, so not searched again
-        print(f"  k_coef {k_coef:g}: {e}")
+        print(f"  k_coef {k_coef:g}, seed {seed}: {e}")
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(record, json.dumps({"checkpoint": path, "n_nodes": None, "error": str(e), "settings": {
-            "target_loss": cfg.target_loss, "steps": cfg.prune_steps, "k_coef": k_coef, "seed": cfg.prune_seed}}))
+            "target_loss": cfg.target_loss, "steps": cfg.prune_steps, "k_coef": k_coef, "seed": seed}}))
         return None
     with open(record) as f:
         return json.load(f)
 
 
 def smallest_circuit(path, task, cfg, device):
-    """The paper's search: prune at every k_coef and keep the circuit with the fewest edges (chosen
-    by what the bisection prompts allow; every reported loss is still on the test prompts)."""
-    records = [circuit(path, task, k_coef, cfg, device) for k_coef in cfg.k_coef_values()]
+    """The paper's search: prune at every k_coef (and seed) and keep the circuit with the fewest edges
+    (chosen by what the bisection prompts allow; every reported loss is still on the test prompts)."""
+    records = [circuit(path, task, k_coef, seed, cfg, device) for k_coef, seed in cfg.search_grid()]
     found = [rec for rec in records if rec is not None]
     if not found:
         raise UserError(f"{path}: no circuit for {task} meets --target_loss={cfg.target_loss} at any of "
-                        f"--k_coefs={cfg.k_coefs}")
+                        f"--k_coefs={cfg.k_coefs} with --prune_seeds={cfg.prune_seeds}")
     return min(found, key=lambda rec: rec["n_edges"])
 
 
@@ -180,7 +191,7 @@ def prune_in_parallel(sparse_paths, dense_paths, models, cfg, device):
     plot_tasks = [t for t in TASKS if all(t in solved_by_all(pair, models) for pair in pairs)]
     runs = [(p, t) for pair in pairs for t in solved_by_all(pair, models) for p in pair]
     runs += [(p, t) for p in models if all(t in models[p]["solved"] for t in plot_tasks) for t in plot_tasks]
-    args = [(p, t, k, cfg, device) for p, t in dict.fromkeys(runs) for k in cfg.k_coef_values()]
+    args = [(p, t, k, seed, cfg, device) for p, t in dict.fromkeys(runs) for k, seed in cfg.search_grid()]
     print(f"pruning {len(args)} runs, {cfg.jobs} at a time")
     with multiprocessing.get_context("spawn").Pool(cfg.jobs) as pool:   # spawn: CUDA works in the children
         pool.starmap(circuit, args, chunksize=1)
@@ -202,7 +213,8 @@ def compare(sparse_path, dense_paths, models, cfg, device):
         rows.append({"task": task, "sparse_edges": s["n_edges"], "dense_edges": d["n_edges"],
                      "sparse_nodes": s["n_nodes"], "dense_nodes": d["n_nodes"],
                      "sparse_circuit_loss": s["losses"]["circuit"], "dense_circuit_loss": d["losses"]["circuit"],
-                     "sparse_k_coef": s["settings"]["k_coef"], "dense_k_coef": d["settings"]["k_coef"]})
+                     "sparse_k_coef": s["settings"]["k_coef"], "dense_k_coef": d["settings"]["k_coef"],
+                     "sparse_seed": s["settings"]["seed"], "dense_seed": d["settings"]["seed"]})
     gs, gd = geomean([r["sparse_edges"] for r in rows]), geomean([r["dense_edges"] for r in rows])
     return {"sparse": sparse_path, "matched_dense": match, "val_loss_gap": gap, "rows": rows,
             "geomean_sparse": gs, "geomean_dense": gd, "ratio": gd / gs}

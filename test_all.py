@@ -760,12 +760,16 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
     assert len(calls) - before == len(pooled) == 12                 # the pool pruned every run; main only read them
     assert json.loads(open_text(tmp_path / "hj" / "headline.json"))["comparisons"] == result["comparisons"]
     before = len(calls)
-    headline.main(args + ["--prune_seed=1"])                         # another seed: its own circuits, not the cache
+    headline.main(args + ["--prune_seeds=0,1"])                      # seed 1 joins the search: only its runs are new
     assert len(calls) - before == 12 and all("--seed=1" in argv for argv in calls[before:])
-    rec = json.loads(open_text(tmp_path / "h" / "circuits" / "sparse" / "k_coef=0.0001_seed=1" / "for_while.json"))
-    assert rec["settings"]["seed"] == 1
+    grid = json.loads(open_text(tmp_path / "h" / "headline.json"))["comparisons"][0]["rows"]
+    for r in grid:                                                   # the smallest over both seeds and both k_coefs
+        for kind, name in (("sparse", "sparse"), ("dense", "near")):
+            recs = [json.loads(open_text(tmp_path / "h" / "circuits" / name / folder / f"{r['task']}.json"))
+                    for folder in ("k_coef=0.0001", "k_coef=0.5", "k_coef=0.0001_seed=1", "k_coef=0.5_seed=1")]
+            assert r[f"{kind}_edges"] == min(rec["n_edges"] for rec in recs if rec["n_nodes"] is not None)
     for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
-                       ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"),
+                       ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"), ("--prune_seeds=1,x", "--prune_seeds"),
                        ("--k_coefs=1e-4,x", "--k_coefs")):
         with pytest.raises(UserError, match=words):
             headline.main(args + [bad])
