@@ -63,22 +63,20 @@ class HeadlineConfig:
 
     def search_grid(self):
         """The (k_coef, seed) pairs each circuit is searched over."""
-        try:
-            seeds = [int(v) for v in self.prune_seeds.split(",") if v]
-        except ValueError:
-            seeds = []
-        if not seeds or min(seeds) < 0:
-            raise UserError(f"--prune_seeds={self.prune_seeds!r}: need comma-separated integers >= 0, e.g. 0,1,2")
-        return [(k_coef, seed) for k_coef in self.k_coef_values() for seed in seeds]
+        k_coefs = values_at_least_0(self.k_coefs, float, "k_coefs", "1e-4,1e-3")
+        seeds = values_at_least_0(self.prune_seeds, int, "prune_seeds", "0,1,2")
+        return [(k_coef, seed) for k_coef in k_coefs for seed in seeds]
 
-    def k_coef_values(self):
-        try:
-            values = [float(v) for v in self.k_coefs.split(",") if v]
-        except ValueError:
-            values = []
-        if not values or min(values) < 0:
-            raise UserError(f"--k_coefs={self.k_coefs!r}: need comma-separated numbers >= 0, e.g. 1e-4,1e-3")
-        return values
+
+def values_at_least_0(text, kind, key, example):
+    """Comma-separated numbers >= 0 of one kind (float or int), else a one-line UserError."""
+    try:
+        values = [kind(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise UserError(f"--{key}={text!r}: need comma-separated {kind.__name__}s >= 0, e.g. {example}")
+    return values
 
 
 def model_name(path):
