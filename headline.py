@@ -186,7 +186,7 @@ def prune_in_parallel(sparse_paths, dense_paths, models, cfg, device):
     """Fill the circuit cache with every run the tables and the plot need, cfg.jobs processes at a
     time; main then reads them back in order, as if it had pruned them itself."""
     pairs = [(s, closest_dense(s, dense_paths, models)) for s in sparse_paths]
-    plot_tasks = [t for t in TASKS if all(t in solved_by_all(pair, models) for pair in pairs)]
+    plot_tasks = solved_by_all([p for pair in pairs for p in pair], models)   # what main's plot_tasks will be
     runs = [(p, t) for pair in pairs for t in solved_by_all(pair, models) for p in pair]
     runs += [(p, t) for p in models if all(t in models[p]["solved"] for t in plot_tasks) for t in plot_tasks]
     args = [(p, t, k, seed, cfg, device) for p, t in dict.fromkeys(runs) for k, seed in cfg.search_grid()]

@@ -182,8 +182,9 @@ def pretraining_means(model, ckpt_path, folder, cfg, device):
     count = cfg.mean_batches * cfg.mean_batch_size * model.config.block_size
     means = {name: (s / count).float() for name, s in sums.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(means, f"{path}.{os.getpid()}.tmp")      # headline.py --jobs may write it from two processes
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"                   # headline.py --jobs may write it from two processes
+    torch.save(means, tmp)
+    os.replace(tmp, path)
     return means, path
 
 
