@@ -65,6 +65,7 @@ def sync(device):
 
 
 def seconds_per_call(fn, n, device):
+    fn()                              # untimed: on a GPU the first call loads kernels and allocates workspaces
     sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
@@ -149,7 +150,6 @@ def matmul_peak(device):
     """FLOP/s of a large square matmul: fp32 on CPU, bf16 on GPU (what each trains in)."""
     n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
     reps = max(3, int(0.5 / seconds_per_call(lambda: a @ b, 1, device)))    # about half a second
     return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, device)
 
@@ -160,7 +160,6 @@ def hook_overhead(cfg, reps):
     model = GPT(cfg.model_config()).to(cfg.device).eval()
     x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size), device=cfg.device)
     with autocast_for(cfg):
-        model(x)
         plain = seconds_per_call(lambda: model(x), reps, cfg.device)
         site = "1.mlp.post_act"
         recorded = seconds_per_call(lambda: model.run_with_cache(x, [site]), reps, cfg.device)
