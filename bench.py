@@ -36,6 +36,7 @@ import torch
 
 from config import UserError, parse_args, resolve_device, run_main, write_atomic
 from sparse_gpt import GPT, target_nonzeros
+from tasks import TASKS
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_optimizer, optimizer_step
 
 
@@ -108,10 +109,19 @@ def measure_training(cfg, steps, warmup):
     sec = seconds_per_call(train_step, steps, cfg.device)
     frac = l0_at(step + 1, cfg)
     proj = seconds_per_call(lambda: raw.project_weights(frac), steps, cfg.device) if frac < 1 else 0.0
-    peak = (torch.cuda.max_memory_allocated(cfg.device) if cfg.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # CPU: the process's peak RSS
+    peak = torch.cuda.max_memory_allocated(cfg.device) if cfg.device.startswith("cuda") else peak_rss()
     return {"ms_per_step": sec * 1e3, "tokens_per_s": cfg.batch_size * cfg.block_size / sec,
             "projection_ms": proj * 1e3, "peak_mem_mb": peak / 2**20}
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes. Linux's VmHWM starts afresh in a spawned process;
+    ru_maxrss (the fallback elsewhere) can carry the parent's peak over."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def in_fresh_process(fn, *args):
@@ -146,9 +156,9 @@ def flops_per_token(model, block_size):
     return 6 * n + 12 * c.n_layer * c.d_model * block_size
 
 
-def matmul_peak(device):
-    """FLOP/s of a large square matmul: fp32 on CPU, bf16 on GPU (what each trains in)."""
-    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+def matmul_peak(device, dtype):
+    """FLOP/s of a large square matmul in the dtype a shape trains in (fp32 on a CPU)."""
+    n, dtype = (2048 if device == "cpu" else 8192), getattr(torch, dtype)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     reps = max(3, int(0.5 / seconds_per_call(lambda: a @ b, 1, device)))    # about half a second
     return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, device)
@@ -166,16 +176,17 @@ def hook_overhead(cfg, reps):
     return plain * 1e3, recorded * 1e3
 
 
-def prune_time(ckpt, task, device):
-    """Seconds for prune.py's whole pipeline on one task (means, masks, bisection, checks)."""
+def prune_time(ckpt, task, device, out_dir):
+    """Seconds for prune.py's whole pipeline on one task (masks, bisection, checks; the pretraining
+    means too on the first run, then they come from prune.py's cache under out_dir)."""
     import prune   # prune imports tasks and data: only needed here
     t0 = time.perf_counter()
-    prune.main([f"--ckpt={ckpt}", f"--task={task}", f"--device={device}", "--out_dir=out/bench/circuits"])
+    prune.main([f"--ckpt={ckpt}", f"--task={task}", f"--device={device}", f"--out_dir={os.path.join(out_dir, 'circuits')}"])
     return time.perf_counter() - t0
 
 # -----------------------------------------------------------------------------
 
-def bench_shape(shape, bc, device, peak_flops):
+def bench_shape(shape, bc, device, peaks):
     batch = PRESETS[shape].get("batch_size", TrainConfig.batch_size)
     if device == "cpu" and shape != "cpu":
         batch = bc.cpu_batch_gpu_shape
@@ -192,14 +203,19 @@ def bench_shape(shape, bc, device, peak_flops):
               f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB", flush=True)
     model = GPT(sparse.model_config()).to(device)
     fpt = flops_per_token(model, sparse.block_size)
+    dtype = sparse.dtype if device.startswith("cuda") else "float32"   # MFU against the peak of what it trains in
+    if dtype not in peaks:
+        peaks[dtype] = matmul_peak(device, dtype)
+        print(f"  matmul peak {peaks[dtype] / 1e9:.0f} GFLOP/s ({dtype})")
     for r in runs.values():
-        r["mfu"] = fpt * r["tokens_per_s"] / peak_flops
+        r["mfu"] = fpt * r["tokens_per_s"] / peaks[dtype]
     frac = l0_at(sparse.max_iters, sparse)
     ours = seconds_per_call(lambda: model.project_weights(frac), bc.steps, device)
     naive = seconds_per_call(lambda: naive_project(model, frac), bc.steps, device)
     plain_ms, recorded_ms = hook_overhead(sparse, bc.steps)
     s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
-    return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "runs": runs,
+    return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
+            "matmul_peak_flops": peaks[dtype], "runs": runs,
             "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,
             "abstopk_share": max(0.0, (s - n) / s), "naive_over_ours_projection": naive / ours,
             "projection_ms": ours * 1e3, "naive_projection_ms": naive * 1e3,
@@ -213,11 +229,16 @@ def main(argv):
     print("settings: " + json.dumps(dataclasses.asdict(bc)))
     device = resolve_device(bc.device)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
-    peak = matmul_peak(device)
-    print(f"device {name}: matmul peak {peak / 1e9:.0f} GFLOP/s ({'fp32' if device == 'cpu' else 'bf16'})")
-    result = {"device": name, "matmul_peak_flops": peak, "settings": dataclasses.asdict(bc), "shapes": {}}
+    if bc.prune_ckpt:                 # a typo found now, not after the whole benchmark
+        prune_model = GPT.from_checkpoint(bc.prune_ckpt)
+        if bc.prune_task not in TASKS:
+            raise UserError(f"--prune_task={bc.prune_task} is unknown; allowed: {', '.join(TASKS)}")
+        del prune_model
+    print(f"device {name}")
+    result = {"device": name, "settings": dataclasses.asdict(bc), "shapes": {}}
+    peaks = {}                        # dtype -> matmul FLOP/s, measured once per dtype a shape trains in
     for shape in bc.shapes.split(","):
-        result["shapes"][shape] = r = bench_shape(shape, bc, device, peak)
+        result["shapes"][shape] = r = bench_shape(shape, bc, device, peaks)
         print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} | projection {r['projection_share']:.1%} "
               f"of a step | AbsTopK {r['abstopk_share']:.1%} | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
               f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "
@@ -225,7 +246,7 @@ def main(argv):
               f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms"
               + "".join(f" | compiled {v} {x:.2f}x eager" for v, x in r["compile_speedup"].items()))
     if bc.prune_ckpt:
-        result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device)
+        result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
     os.makedirs(bc.out_dir, exist_ok=True)
     path = os.path.join(bc.out_dir, f"{device.replace(':', '')}.json")

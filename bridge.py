@@ -3,8 +3,9 @@ Bridges between a frozen dense model and a weight-sparse one (METHOD.md section 
 the dense model through them.
 
     python bridge.py --dense=out/cpu_dense/ckpt.pt                 # train; out/bridge/ckpt.pt
+    python bridge.py --out_dir=out/bridge --resume=True            # continue an interrupted run exactly
     python bridge.py --dense=out/cpu_dense/ckpt.pt --init_sparse=out/cpu/ckpt.pt --anneal_start=0 --anneal_end=0
-    python bridge.py --steer=True --steer_site=1.resid_pre        # edit one sparse channel, steer the dense model
+    python bridge.py --steer=True --steer_site=1.resid_pre         # edit one sparse channel, steer the dense model
     python bridge.py --help                                        # every setting (train.py's too)
 
 Sites: the residual stream after the embedding and after every attention and MLP sublayer
@@ -35,8 +36,8 @@ import data
 import tasks
 from config import UserError, parse_args, resolve_device, run_main
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint
-from train import (TrainConfig, autocast_for, batch_for, estimate_loss, make_optimizer,
-                   optimizer_step, save_checkpoint)
+from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, estimate_loss, make_optimizer,
+                   optimizer_step, resumed_config, save_checkpoint)
 
 
 @dataclass
@@ -66,7 +67,14 @@ class BridgeConfig(TrainConfig):
         super().__post_init__()
         if not 0.0 < self.bridge_afrac <= 1.0:
             raise UserError(f"--bridge_afrac={self.bridge_afrac} is outside (0, 1]")
+        if self.bridge_afrac < 1 and int(self.bridge_afrac * self.d_model) == 0:   # k = 0 would mean "off"
+            raise UserError(f"--bridge_afrac={self.bridge_afrac} keeps no channel of d_model={self.d_model}; "
+                            f"need bridge_afrac >= {1 / self.d_model:g} (or 1 for no AbsTopK)")
         tasks.get_task(self.steer_task)
+        if self.steer_prompts < 2 or self.steer_prompts % 2:
+            raise UserError(f"--steer_prompts={self.steer_prompts} must be even and at least 2 (half of each class)")
+        if self.steer_controls < 1:
+            raise UserError(f"--steer_controls={self.steer_controls} must be at least 1")
 
 # -----------------------------------------------------------------------------
 # the pieces
@@ -192,6 +200,14 @@ def load_dense(path, device):
     return dense.to(device).eval().requires_grad_(False), tc.get("data_dir", "")
 
 
+def load_bridge_checkpoint(path, device="cpu"):
+    ckpt = load_checkpoint(path, device)
+    if "bridges" not in ckpt:
+        raise UserError(f"{path} is not a bridge.py checkpoint (it has no bridges): train them with "
+                        "python bridge.py --dense=..., or pick another --out_dir")
+    return ckpt
+
+
 def check_bridgeable(dense_cfg, sparse_cfg):
     for key in ("n_layer", "vocab_size"):
         if getattr(dense_cfg, key) != getattr(sparse_cfg, key):
@@ -201,8 +217,34 @@ def check_bridgeable(dense_cfg, sparse_cfg):
         raise UserError(f"cannot bridge: sparse block_size={sparse_cfg.block_size} exceeds the dense model's "
                         f"{dense_cfg.block_size}")
 
+
+BRIDGE_KEYS = MODEL_KEYS + ["dense", "bridge_afrac"]   # what --resume may not change: the shapes of what it loads
+
+
+def config_from_args(argv):
+    """Defaults -> --key=value. With --resume=True the checkpoint's saved settings are the base instead,
+    and the models and bridges may not change shape (train.py's rule)."""
+    cfg = parse_args(BridgeConfig, argv)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        cfg = resumed_config(BridgeConfig, argv, load_bridge_checkpoint(ckpt_path), BRIDGE_KEYS, ckpt_path)
+    return cfg
+
 # -----------------------------------------------------------------------------
 # training
+
+def train_step(sparse, dense, bridges, optimizer, bridge_opt, x, y, step, cfg):
+    """One step of both: backward through the whole loss, AdamW on the bridges, train.py's step
+    (grad-RMS, Adam at the sharkfin LR, top-k projection) on the sparse model. -> (terms, lr, L0)"""
+    pick = random.Random(cfg.seed * 7919 + step)     # the sites of this step: reproducible on resume
+    with autocast_for(cfg):
+        terms = bridge_losses(sparse, dense, bridges, x, y, pick.choice(bridges.sites), pick.choice(bridges.sites))
+    total_loss(terms, cfg).backward()
+    bridge_opt.step()
+    bridge_opt.zero_grad(set_to_none=True)
+    lr, frac = optimizer_step(sparse, optimizer, step, cfg)
+    return terms, lr, frac
+
 
 def train_bridges(cfg):
     cfg.device = resolve_device(cfg.device)
@@ -215,7 +257,7 @@ def train_bridges(cfg):
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
     sparse = GPT(cfg.model_config()).to(cfg.device)
     check_bridgeable(dense.config, sparse.config)
-    if cfg.init_sparse:
+    if cfg.init_sparse and not cfg.resume:
         init = load_checkpoint(cfg.init_sparse, cfg.device)
         if GPTConfig(**init["model_config"]) != sparse.config:
             raise UserError(f"--init_sparse={cfg.init_sparse} has another shape than the configured sparse model")
@@ -223,16 +265,16 @@ def train_bridges(cfg):
     bridges = Bridges(bridge_sites(sparse), dense.config.d_model, sparse.config.d_model, cfg.bridge_afrac).to(cfg.device)
     optimizer = make_optimizer(sparse, cfg)
     bridge_opt = torch.optim.AdamW(bridges.parameters(), lr=cfg.bridge_lr, weight_decay=0.0)
-    ckpt_path, start = os.path.join(cfg.out_dir, "ckpt.pt"), 0
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, cfg.device)
+    ckpt_path, start, stop = os.path.join(cfg.out_dir, "ckpt.pt"), 0, cfg.stop_iter or cfg.max_iters
+    if cfg.resume:   # settings and shapes come from the checkpoint: see config_from_args
+        ckpt = load_bridge_checkpoint(ckpt_path, cfg.device)
         sparse.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         bridges.load_state_dict(ckpt["bridges"])
         bridge_opt.load_state_dict(ckpt["bridge_optimizer"])
         start = ckpt["step"]
-        if start >= cfg.max_iters:
-            raise UserError(f"{ckpt_path} is already at step {start} of --max_iters={cfg.max_iters}")
+        if start >= stop:
+            raise UserError(f"{ckpt_path} is already at step {start}; nothing to do up to step {stop}")
         print(f"resuming {ckpt_path} at step {start}")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
@@ -242,40 +284,32 @@ def train_bridges(cfg):
     print(f"dense {cfg.dense}: d_model {dense.config.d_model}; sparse: d_model {sparse.config.d_model}, "
           f"L0 {cfg.l0_frac:g}, AbsTopK {cfg.afrac:g}; {len(bridges.sites)} bridge sites")
 
-    tokens_per_step, t0, autocast = cfg.batch_size * cfg.block_size, time.time(), autocast_for(cfg)
-    t_log = t0
-    for step in range(start, cfg.max_iters):
+    tokens_per_step, t0 = cfg.batch_size * cfg.block_size, time.time()
+    t_log, steps_since = t0, start   # for the rate since the last progress line
+    for step in range(start, stop):
         x, y = (t.to(cfg.device) for t in batch_for(train_tokens, step, 0, cfg))
-        pick = random.Random(cfg.seed * 7919 + step)     # the sites of this step: reproducible on resume
-        with autocast:
-            terms = bridge_losses(sparse, dense, bridges, x, y, pick.choice(bridges.sites), pick.choice(bridges.sites))
-        total_loss(terms, cfg).backward()
-        bridge_opt.step()
-        bridge_opt.zero_grad(set_to_none=True)
-        lr, frac = optimizer_step(sparse, optimizer, step, cfg)   # train.py's step: the same sparse training
+        terms, lr, frac = train_step(sparse, dense, bridges, optimizer, bridge_opt, x, y, step, cfg)
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_iters:
-            dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
+        if done % cfg.log_interval == 0 or done == stop:
+            dt, t_log, steps_since = (time.time() - t_log) / (done - steps_since), time.time(), done
             print(f"step {done:5d} | " + " | ".join(f"{k} {v.item():.4f}" for k, v in terms.items()) +
                   f" | lr {lr:.2e} | L0 {frac:.4f} | {tokens_per_step / dt:6.0f} tok/s | {dt * 1000:6.0f} ms/step",
                   flush=True)
-        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+        if done % cfg.eval_interval == 0 or done == stop:
             ev = evaluate_bridges(sparse, dense, bridges, val_tokens, cfg)
             print_eval(ev)
             save_checkpoint(ckpt_path, sparse, optimizer, None, done, cfg,
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
                              "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder})
-    print(f"done: {cfg.max_iters - start} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
+    print(f"done: {stop - start} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     return ev
 
 # -----------------------------------------------------------------------------
 # steering: an edit in the sparse model, carried into the dense one by the decoder
 
 def load_bridged(cfg):
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device)
-    if "bridges" not in ckpt:
-        raise UserError(f"{cfg.out_dir}/ckpt.pt has no bridges: train them first (python bridge.py --dense=...)")
+    ckpt = load_bridge_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device)
     sparse = GPT(GPTConfig(**ckpt["model_config"]))
     sparse.load_state_dict(ckpt["model"])
     dense, data_dir = load_dense(ckpt["dense"], cfg.device)
@@ -302,7 +336,18 @@ def steer(cfg):
     if cfg.steer_site not in bridges.sites:
         raise UserError(f"--steer_site={cfg.steer_site} is not a bridge site; allowed: {', '.join(bridges.sites)}")
     enc = data.get_encoding(data.prepare(data.DataConfig(data_dir=data_dir), verbose=False))
-    prompts = tasks.make_prompts(cfg.steer_task, enc, cfg.steer_prompts, cfg.seed, "test")
+    try:
+        prompts = tasks.make_prompts(cfg.steer_task, enc, cfg.steer_prompts, cfg.seed, "test")
+    except ValueError as e:   # too many prompts asked of a small task, or an answer this tokenizer splits
+        raise UserError(f"--steer_prompts={cfg.steer_prompts}: {e}")
+    fit = [p for p in prompts if len(p.ids) <= sparse.config.block_size]   # a short context sees fewer
+    if len(fit) < len(prompts):
+        print(f"note: {len(prompts) - len(fit)} of {len(prompts)} prompts are longer than the models' "
+              f"block_size={sparse.config.block_size}: left out")
+    if {p.label for p in fit} != {0, 1}:
+        raise UserError(f"no {cfg.steer_task} prompt of one class fits block_size={sparse.config.block_size}: "
+                        "steer a bridge trained with a longer --block_size")
+    prompts = fit
     source = [p for p in prompts if p.label == 1]          # the class whose values are written in
     runs = [p for p in prompts if p.label == 0]            # the class the edit is run on
     site, d = cfg.steer_site, sparse.config.d_model
@@ -323,7 +368,8 @@ def steer(cfg):
 
     def sparse_shift(c, n):
         """Mean change of the sparse model's own logit difference on the first n runs under the edit."""
-        return sum(sparse_diff(p, c) - base for p, base in zip(runs[:n], unedited)) / n
+        pairs = list(zip(runs[:n], unedited))
+        return sum(sparse_diff(p, c) - base for p, base in pairs) / len(pairs)
     # default: the channel whose edit moves the sparse model's own answer most, on 16 of the prompts
     channel = cfg.steer_channel if cfg.steer_channel >= 0 else min(range(d), key=lambda c: sparse_shift(c, 16))
     if not 0 <= channel < d:
@@ -371,7 +417,7 @@ def steer(cfg):
 
 
 def main(argv):
-    cfg = parse_args(BridgeConfig, argv)
+    cfg = config_from_args(argv)
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
     if cfg.steer:
         steer(cfg)

@@ -8,6 +8,7 @@ error every script gives for a user mistake, and the atomic write of a text outp
 import dataclasses
 import difflib
 import os
+import re
 import sys
 
 import torch
@@ -72,11 +73,16 @@ def write_atomic(path, text):
 
 
 def resolve_device(name):
-    """'auto' -> cuda when there is a GPU, else cpu; a cuda device without CUDA is a UserError."""
+    """'auto' -> cuda when there is a GPU, else cpu; any other name must be a device this machine has."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    mps = torch.backends.mps.is_available()   # Apple GPUs; offered only where there is one
+    if not re.fullmatch(r"cpu|cuda|cuda:\d+" + ("|mps" if mps else ""), name):
+        raise UserError(f"--device={name} is unknown; allowed: auto, cpu, cuda, cuda:N" + (", mps" if mps else ""))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device={name} but CUDA is not available; use --device=cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
     return name
 
 

@@ -26,7 +26,7 @@ import torch
 import regex  # installed with tiktoken (its own dependency): \p{L} classes like tiktoken's patterns
 import tiktoken
 
-from config import UserError, parse_args, run_main
+from config import UserError, parse_args, run_main, write_atomic
 
 VOCAB_SIZE = 2048
 EOT = "<|endoftext|>"
@@ -43,6 +43,13 @@ class DataConfig:
     tokenizer_sample_bytes: int = 3_000_000  # BPE trains on this many bytes of training files
     val_every: int = 50            # about 1 in val_every files goes to validation
 
+    def __post_init__(self):
+        self.data_dir = user_dir(self.data_dir)
+        if self.val_every < 2:
+            raise UserError(f"--val_every={self.val_every} must be at least 2 (1 would leave no training files)")
+        if self.tokenizer_sample_bytes <= 0:
+            raise UserError(f"--tokenizer_sample_bytes={self.tokenizer_sample_bytes} must be positive")
+
 # -----------------------------------------------------------------------------
 # corpus
 
@@ -50,8 +57,13 @@ def default_data_dir():
     return sysconfig.get_paths()["stdlib"]
 
 
+def user_dir(path):
+    """A --data_dir as given -> absolute: bash leaves ~ alone after --key=, and the split (paths
+    relative to the folder) and meta.json must not depend on the working directory. "" stays ""."""
+    return os.path.abspath(os.path.expanduser(path)) if path else ""
+
+
 def list_py_files(data_dir):
-    data_dir = os.path.expanduser(data_dir)
     if not os.path.isdir(data_dir):
         raise UserError(f"data_dir={data_dir} is not a folder")
     files = []
@@ -70,6 +82,16 @@ def read_text(path):
 
 def is_val(relpath, val_every):
     return zlib.crc32(relpath.encode()) % val_every == 0
+
+
+def val_flags(relpaths, val_every):
+    """is_val of each file; a folder of 2+ files where the hash picked none gives validation the file
+    nearest to being picked (smallest hash remainder), so the split is never empty and stays
+    deterministic. Folders that already have a validation file are split exactly as before."""
+    flags = [is_val(r, val_every) for r in relpaths]
+    if len(relpaths) > 1 and not any(flags):
+        flags[min(range(len(relpaths)), key=lambda i: zlib.crc32(relpaths[i].encode()) % val_every)] = True
+    return flags
 
 # -----------------------------------------------------------------------------
 # byte-level BPE, trained in pure Python
@@ -122,10 +144,8 @@ def train_bpe(text_chunks, vocab_size=VOCAB_SIZE, verbose=False):
 
 def write_ranks(ranks, path):
     """tiktoken's own format: one 'base64(token bytes) rank' line per token."""
-    with open(path + ".tmp", "w") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "".join(f"{base64.b64encode(token).decode()} {rank}\n"
+                               for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])))
 
 
 def read_ranks(path):
@@ -164,9 +184,9 @@ def prepare(cfg=DataConfig(), verbose=True):
         return folder
     os.makedirs(folder, exist_ok=True)
     t0 = time.time()
-    rel = [os.path.relpath(p, data_dir) for p in files]
-    train_files = [p for p, r in zip(files, rel) if not is_val(r, cfg.val_every)]
-    val_files = [p for p, r in zip(files, rel) if is_val(r, cfg.val_every)]
+    flags = val_flags([os.path.relpath(p, data_dir) for p in files], cfg.val_every)
+    train_files = [p for p, v in zip(files, flags) if not v]
+    val_files = [p for p, v in zip(files, flags) if v]
     # tokenizer: train on every k-th training file until the byte budget is met (deterministic)
     stride = max(1, sum(os.path.getsize(p) for p in train_files) // cfg.tokenizer_sample_bytes)
     splitter, chunks = regex.compile(SPLIT_PATTERN), Counter()
@@ -181,12 +201,12 @@ def prepare(cfg=DataConfig(), verbose=True):
     for split, paths in (("train", train_files), ("val", val_files)):
         docs = enc.encode_ordinary_batch([read_text(p) for p in paths])
         ids = np.fromiter((t for d in docs for t in d + [enc.eot_token]), dtype=np.uint16)
-        ids.tofile(os.path.join(folder, f"{split}.bin.tmp"))
-        os.replace(os.path.join(folder, f"{split}.bin.tmp"), os.path.join(folder, f"{split}.bin"))
+        tmp = os.path.join(folder, f"{split}.bin.{os.getpid()}.tmp")   # per process: DDP ranks build at once
+        ids.tofile(tmp)
+        os.replace(tmp, os.path.join(folder, f"{split}.bin"))
         meta[f"{split}_tokens"] = int(ids.size)
         meta[f"{split}_bytes"] = sum(os.path.getsize(p) for p in paths)
-    with open(os.path.join(folder, "meta.json"), "w") as f:   # written last: marks the cache done
-        json.dump(meta, f, indent=1)
+    write_atomic(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1))   # written last: marks the cache done
     if verbose:
         print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
               f"({meta['train_bytes'] / meta['train_tokens']:.2f} bytes/token) in {time.time() - t0:.1f}s -> {folder}")
@@ -198,7 +218,10 @@ def get_encoding(folder):
 
 
 def load_tokens(folder, split):
-    return np.memmap(os.path.join(folder, f"{split}.bin"), dtype=np.uint16, mode="r")
+    path = os.path.join(folder, f"{split}.bin")
+    if os.path.getsize(path) == 0:   # an empty split (a one-file folder has no validation): mmap refuses it
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def get_batch(tokens, batch_size, block_size, generator):

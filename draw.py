@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from config import UserError, parse_args, run_main
+from config import UserError, parse_args, run_main, write_atomic
 
 
 @dataclass
@@ -21,6 +21,7 @@ class DrawConfig:
     circuit: str = "out/circuits/single_double_quote.json"   # a record written by prune.py
 
 
+RECORD_KEYS = ("task", "nodes", "edges", "n_nodes", "n_edges", "losses", "curve", "settings", "model_config")
 RESIDUAL = ("attn.act_in", "attn.resid_delta", "mlp.act_in", "mlp.resid_delta")   # residual-stream channels
 COLORS = {"attn.act_in": "#888", "attn.q": "#e08214", "attn.k": "#1b9e77", "attn.v": "#7570b3",
           "attn.resid_delta": "#222", "mlp.act_in": "#888", "mlp.post_act": "#0a7d8c", "mlp.resid_delta": "#222"}
@@ -142,10 +143,14 @@ def main(argv):
             rec = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.circuit} is not a readable circuit record ({type(e).__name__})")
+    if isinstance(rec, dict) and rec.get("n_nodes", 0) is None:   # headline.py's cache of a failed search
+        raise UserError(f"{cfg.circuit} is headline.py's record of a search that found no circuit: {rec.get('error')}")
+    missing = [k for k in RECORD_KEYS if k not in rec] if isinstance(rec, dict) else list(RECORD_KEYS)
+    if missing:
+        raise UserError(f"{cfg.circuit} is not a circuit record of prune.py (no {', '.join(missing)})")
     base = os.path.splitext(cfg.circuit)[0]
     for path, svg in ((base + ".svg", circuit_svg(rec)), (base + "_loss.svg", curve_svg(rec))):
-        with open(path, "w") as f:
-            f.write(svg)
+        write_atomic(path, svg)
         print(f"wrote {path}")
 
 

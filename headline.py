@@ -19,23 +19,28 @@ Each circuit is the smallest (fewest edges) over prune.py runs at several node p
 k_coef the mask search settles on a set of nodes whose size the penalty decides, and bisection
 cannot shrink it (its loss-vs-k curve is a cliff). Circuits are cached:
 out/headline/circuits/<model>/k_coef=<v>[_seed=<s>]/<task>.json is reused when it was pruned from
-the same checkpoint with the same target, steps, k_coef and seed. The table and the plot:
-out/headline/headline{.json,.svg}.
+the same checkpoint file (path, mtime and size: a retrained one is pruned again) with the same
+target, steps, test prompts, k_coef and seed. <model> is the checkpoint's folder (out/cpu45/ckpt.pt
+-> cpu45), with a hash of its path where two checkpoints of a run would share it. A task solved on
+the test prompts but without a circuit at the target is left out of its comparison, and a model
+without a circuit for a plotted task is left off the plot, each with a printed note. The table and
+the plot: out/headline/headline{.json,.svg}.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import multiprocessing
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import data
 import prune
 from config import UserError, parse_args, resolve_device, run_main, write_atomic
 from draw import SVG_HEAD, line, text
-from sparse_gpt import GPT, GPTConfig, load_checkpoint
-from tasks import TASKS, evaluate, get_task, make_prompts
+from tasks import TASKS, evaluate, get_task, load_model, make_prompts
 
 
 @dataclass
@@ -59,6 +64,8 @@ class HeadlineConfig:
         for key in ("prune_steps", "jobs"):
             if getattr(self, key) <= 0:
                 raise UserError(f"--{key}={getattr(self, key)} must be positive")
+        if self.n_test <= 0 or self.n_test % 2:
+            raise UserError(f"--n_test={self.n_test} must be positive and even (half of each class)")
         self.search_grid()
 
     def search_grid(self):
@@ -79,19 +86,24 @@ def values_at_least_0(text, kind, key, example):
     return values
 
 
-def model_name(path):
-    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+def model_names(cfg):
+    """{checkpoint: name} for the tables and the cache folders: its folder (out/cpu45/ckpt.pt -> cpu45;
+    out/cpu45/step800.pt -> cpu45_step800), plus a hash of its path where two files would share one."""
+    def short(path):
+        folder, file = os.path.split(os.path.abspath(path))
+        return os.path.basename(folder) + ("" if file == "ckpt.pt" else "_" + os.path.splitext(file)[0])
+    paths = [p for p in f"{cfg.sparse},{cfg.dense}".split(",") if p]
+    taken = Counter(short(f) for f in {os.path.abspath(p) for p in paths})   # a file named twice is one model
+    hashed = lambda p: hashlib.sha256(os.path.abspath(p).encode()).hexdigest()[:6]
+    return {p: short(p) if taken[short(p)] == 1 else f"{short(p)}_{hashed(p)}" for p in paths}
 
 
 def load(path, device):
-    """(model, val loss, tokenizer) of a train.py checkpoint."""
-    ckpt = load_checkpoint(path, device)
+    """(model, val loss, tokenizer) of a train.py checkpoint: the tokenizer it was trained with."""
+    model, ckpt, folder = load_model(path, device)
     if "val_loss" not in ckpt:
         raise UserError(f"{path} has no val_loss: is it a train.py checkpoint?")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    folder = data.prepare(data.DataConfig(data_dir=ckpt.get("train_config", {}).get("data_dir", "")), verbose=False)
-    return model.to(device).eval(), ckpt["val_loss"], data.get_encoding(folder)
+    return model, ckpt["val_loss"], data.get_encoding(folder)
 
 
 def solved_tasks(model, enc, names, cfg, device):
@@ -99,8 +111,8 @@ def solved_tasks(model, enc, names, cfg, device):
     out = {}
     for name in names:
         try:
-            prompts = make_prompts(name, enc, cfg.n_test, 0, "test")
-        except ValueError as e:     # another corpus, another tokenizer: an answer may not be one token
+            prompts = make_prompts(name, enc, cfg.n_test, 0, "test", model.config.block_size)
+        except ValueError as e:     # another tokenizer (an answer of two tokens), a shorter context
             print(f"  skipped {name}: {e}")
             continue
         loss, _ = evaluate(model, prompts, device)
@@ -109,28 +121,39 @@ def solved_tasks(model, enc, names, cfg, device):
     return out
 
 
+def record_key(rec):
+    """What a record was pruned from and with: checkpoint file, target, steps, test prompts, k_coef, seed."""
+    s = rec["settings"]   # a record without n_test is from when prune.py always used its default
+    return [rec.get("checkpoint_key"), s["target_loss"], s["steps"], s.get("n_test", prune.PruneConfig.n_test),
+            s["k_coef"], s.get("seed", 0)]
+
+
 def circuit(path, task, k_coef, seed, cfg, device):
     """prune.py's record of task on the checkpoint at path with this k_coef and seed: read from the
     cache, or pruned now. None when no circuit meets the target on the bisection prompts."""
     folder = f"k_coef={k_coef:g}" + (f"_seed={seed}" if seed else "")   # seed 0 keeps the folders it always had
-    out_dir = os.path.join(cfg.out_dir, "circuits", model_name(path), folder)
+    out_dir = os.path.join(cfg.out_dir, "circuits", model_names(cfg)[path], folder)
     record = os.path.join(out_dir, task + ".json")
-    key = (path, cfg.target_loss, cfg.prune_steps, k_coef, seed)
+    settings = {"target_loss": cfg.target_loss, "steps": cfg.prune_steps, "n_test": cfg.n_test, "k_coef": k_coef,
+                "seed": seed}
+    key = record_key({"checkpoint_key": prune.checkpoint_key(path), "settings": settings})
     if os.path.exists(record):
         with open(record) as f:
             rec = json.load(f)
-        settings = rec["settings"]
-        if (rec["checkpoint"], settings["target_loss"], settings["steps"], settings["k_coef"],
-                settings.get("seed", 0)) == key:
+        newer = os.path.getmtime(record) > os.path.getmtime(path)
+        if "checkpoint_key" not in rec and rec["checkpoint"] == path and newer:   # a record from before the key,
+            rec["checkpoint_key"] = key[0]                 # written after the checkpoint was: pruned from this one
+        if record_key(rec) == key:
             return rec if rec["n_nodes"] is not None else None
     try:
         prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
-                    f"--steps={cfg.prune_steps}", f"--k_coef={k_coef}", f"--seed={seed}", f"--device={device}"])
+                    f"--steps={cfg.prune_steps}", f"--n_test={cfg.n_test}", f"--k_coef={k_coef}", f"--seed={seed}",
+                    f"--device={device}"])
     except UserError as e:                  # no circuit at this k_coef: remembered, so not searched again
         print(f"  k_coef {k_coef:g}, seed {seed}: {e}")
         os.makedirs(out_dir, exist_ok=True)
-        write_atomic(record, json.dumps({"checkpoint": path, "n_nodes": None, "error": str(e), "settings": {
-            "target_loss": cfg.target_loss, "steps": cfg.prune_steps, "k_coef": k_coef, "seed": seed}}))
+        write_atomic(record, json.dumps({"checkpoint": path, "checkpoint_key": key[0], "n_nodes": None,
+                                         "error": str(e), "settings": settings}))
         return None
     with open(record) as f:
         return json.load(f)
@@ -207,12 +230,18 @@ def compare(sparse_path, dense_paths, models, cfg, device):
         raise UserError(f"no task is solved at --target_loss={cfg.target_loss} by both {sparse_path} and {match}")
     rows = []
     for task in common:
-        s, d = smallest_circuit(sparse_path, task, cfg, device), smallest_circuit(match, task, cfg, device)
+        try:
+            s, d = smallest_circuit(sparse_path, task, cfg, device), smallest_circuit(match, task, cfg, device)
+        except UserError as e:   # solved on the test prompts, yet no circuit at the target on the bisection ones
+            print(f"  {task} left out: {e}")
+            continue
         rows.append({"task": task, "sparse_edges": s["n_edges"], "dense_edges": d["n_edges"],
                      "sparse_nodes": s["n_nodes"], "dense_nodes": d["n_nodes"],
                      "sparse_circuit_loss": s["losses"]["circuit"], "dense_circuit_loss": d["losses"]["circuit"],
                      "sparse_k_coef": s["settings"]["k_coef"], "dense_k_coef": d["settings"]["k_coef"],
                      "sparse_seed": s["settings"]["seed"], "dense_seed": d["settings"]["seed"]})
+    if not rows:
+        raise UserError(f"no task has a circuit at --target_loss={cfg.target_loss} in both {sparse_path} and {match}")
     gs, gd = geomean([r["sparse_edges"] for r in rows]), geomean([r["dense_edges"] for r in rows])
     return {"sparse": sparse_path, "matched_dense": match, "val_loss_gap": gap, "rows": rows,
             "geomean_sparse": gs, "geomean_dense": gd, "ratio": gd / gs}
@@ -238,10 +267,10 @@ def main(argv):
     if not sparse_paths or not dense_paths:
         raise UserError(f"--sparse={cfg.sparse!r} --dense={cfg.dense!r}: give one or more checkpoints to each, comma-separated")
     names = [t for t in cfg.tasks.split(",") if t] or list(TASKS)
-    models = {}
+    models, short = {}, model_names(cfg)
     for kind, path in [("sparse", p) for p in sparse_paths] + [("dense", p) for p in dense_paths]:
         model, val, enc = load(path, device)
-        models[path] = {"kind": kind, "name": model_name(path), "val_loss": val,
+        models[path] = {"kind": kind, "name": short[path], "val_loss": val,
                         "solved": solved_tasks(model, enc, names, cfg, device)}
         print(f"{kind:<6} {path}: val loss {val:.4f}, solves {len(models[path]['solved'])} task(s) at "
               f"{cfg.target_loss}: {', '.join(models[path]['solved']) or 'none'}")
@@ -253,7 +282,11 @@ def main(argv):
     points = []
     for path, m in models.items():
         if plot_tasks and all(t in m["solved"] for t in plot_tasks):
-            edges = [smallest_circuit(path, t, cfg, device)["n_edges"] for t in plot_tasks]
+            try:
+                edges = [smallest_circuit(path, t, cfg, device)["n_edges"] for t in plot_tasks]
+            except UserError as e:   # a model only on the plot, without a circuit for a task: off the plot
+                print(f"plot: {m['name']} left out: {e}")
+                continue
             points.append({"name": m["name"], "kind": m["kind"], "val_loss": m["val_loss"], "geomean_edges": geomean(edges)})
     for c in comparisons:
         print_table(c, models)

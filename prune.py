@@ -45,8 +45,8 @@ import torch
 import data
 from config import UserError, parse_args, resolve_device, run_main, write_atomic
 from draw import circuit_svg, curve_svg
-from sparse_gpt import ALL_SPARSE_SITES, GPT, GPTConfig, RMSNorm, load_checkpoint
-from tasks import TASKS, collate, get_task, make_prompts, prompt_losses, task_loss
+from sparse_gpt import ALL_SPARSE_SITES, RMSNorm
+from tasks import TASKS, collate, get_task, load_model, make_prompts, prompt_losses, task_loss
 
 
 @dataclass
@@ -65,7 +65,8 @@ class PruneConfig:
     steps: int = 800                   # about 4 minutes on 2 cores (d_model 128, 4 layers); more keeps shrinking it
     batch_size: int = 64               # task prompts per step ...
     micro_batches: int = 0             # ... run as this many length-sorted pieces; 0 = 4 on a CPU (less
-                                       # padding), 1 on a GPU (a quarter of the kernel launches)
+                                       # padding; fewer if a step has fewer prompts), 1 on a GPU (a quarter
+                                       # of the kernel launches)
     k_coef: float = 1e-4
     lr: float = 3e-3
     weight_decay: float = 1e-3
@@ -163,13 +164,19 @@ def node_count(masks):
 # -----------------------------------------------------------------------------
 # means to ablate to
 
+def checkpoint_key(path):
+    """[absolute path, mtime, size]: a checkpoint retrained at the same path gets another key."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_mtime_ns, st.st_size]
+
+
 @torch.no_grad()
 def pretraining_means(model, ckpt_path, folder, cfg, device):
     """Mean of every node over pretraining tokens, after AbsTopK (what the hook sees), cached in
     out_dir/means/ under a key of the checkpoint's path and mtime and the sample. -> (means, path)"""
-    st = os.stat(ckpt_path)
-    key = [os.path.abspath(ckpt_path), st.st_mtime_ns, st.st_size, folder, cfg.mean_batches, cfg.mean_batch_size,
-           cfg.seed]
+    key = checkpoint_key(ckpt_path) + [folder, cfg.mean_batches, cfg.mean_batch_size, cfg.seed]
     path = os.path.join(cfg.out_dir, "means", hashlib.sha256(repr(key).encode()).hexdigest()[:16] + ".pt")
     if os.path.exists(path):
         return torch.load(path, map_location=device), path
@@ -302,6 +309,7 @@ def train_masks(model, prompts, means, cfg, device, log=print):
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     gen, t0 = torch.Generator().manual_seed(cfg.seed + 1), time.time()
     micro = cfg.micro_batches or (1 if str(device).startswith("cuda") else 4)   # 0: chosen by device
+    micro = min(micro, cfg.batch_size, len(prompts))   # every piece holds a prompt
     for step in range(1, cfg.steps + 1):
         pick = torch.randperm(len(prompts), generator=gen)[:cfg.batch_size].tolist()
         pick = sorted((prompts[i] for i in pick), key=lambda p: len(p.ids))
@@ -438,7 +446,8 @@ def circuit_masks(model, rec, device="cpu"):
 
 def prune_task(model, enc, name, test_prompts, means, cfg, device, log=print):
     """Prune one task. means: the pretraining means (None for the other ablations). -> its record"""
-    drawn = make_prompts(name, enc, cfg.n_train + cfg.n_eval, cfg.seed, "train")   # all distinct
+    drawn = make_prompts(name, enc, cfg.n_train + cfg.n_eval, cfg.seed, "train",   # all distinct
+                         model.config.block_size)
     train_prompts, eval_prompts = drawn[:cfg.n_train], drawn[cfg.n_train:]
     test_batches = make_batches(model, test_prompts, device, cfg)
     if cfg.ablation == "task_mean":
@@ -500,30 +509,34 @@ def main(argv):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device={device} but CUDA is not available; use --device=cpu")
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
-    ckpt = load_checkpoint(cfg.ckpt, device)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval().requires_grad_(False)                        # only the masks learn
-    # the tokenizer the model was trained with: the cache of the checkpoint's own corpus
-    data_dir = ckpt.get("train_config", {}).get("data_dir", "")
-    folder = data.prepare(data.DataConfig(data_dir=data_dir), verbose=False)
+    ckpt_key = checkpoint_key(cfg.ckpt)   # in every record; taken first, so a file rewritten meanwhile mismatches
+    model, _, folder = load_model(cfg.ckpt, device)         # folder: the tokenizer the model was trained with
+    model.requires_grad_(False)                                          # only the masks learn
     enc = data.get_encoding(folder)
     # 1) which tasks the full model solves on test prompts: nothing is written for one it does not
     names = list(TASKS) if cfg.task == "all" else [cfg.task]
     test, full = {}, {}
     for name in names:
-        test[name] = make_prompts(name, enc, cfg.n_test, 0, "test")   # one fixed test set whatever the seed
+        try:   # one fixed test set whatever the seed
+            test[name] = make_prompts(name, enc, cfg.n_test, 0, "test", model.config.block_size)
+        except UserError as e:                 # a task this model cannot be asked (context, tokenizer)
+            if len(names) == 1:
+                raise
+            print(f"skipped: {e}")
+            continue
         batches = make_batches(model, test[name], device, cfg)
         full[name] = task_loss(*eval_logits(model, batches, None, None))[0].item()
-    solved = [name for name in names if full[name] <= cfg.target_loss]
+    if not full:
+        raise UserError(f"{cfg.ckpt}: none of the {len(names)} tasks can be posed to this model (see above)")
+    solved = [name for name in full if full[name] <= cfg.target_loss]
     best = min(full, key=full.get)
     if not solved and len(names) == 1:
         raise UserError(f"{cfg.ckpt} does not solve {best}: full-model test loss {full[best]:.4f} > "
                         f"--target_loss={cfg.target_loss}")
     if not solved:
-        raise UserError(f"{cfg.ckpt} solves none of the {len(names)} tasks at --target_loss={cfg.target_loss} "
+        raise UserError(f"{cfg.ckpt} solves none of the {len(full)} tasks at --target_loss={cfg.target_loss} "
                         f"(best: {best}, full-model test loss {full[best]:.4f})")
-    for name in (n for n in names if n not in solved):
+    for name in (n for n in full if n not in solved):
         print(f"{name}: not solved (full-model test loss {full[name]:.4f}), skipped")
     # 2) the means to ablate to, once per checkpoint; 3) prune every solved task
     means, means_from = None, cfg.ablation
@@ -539,7 +552,7 @@ def main(argv):
                 raise
             print(f"skipped: {e}")
             continue
-        rec["means"] = means_from
+        rec["means"], rec["checkpoint_key"] = means_from, ckpt_key
         base = write_outputs(rec, cfg.out_dir)
         report(rec)
         print(f"  {time.time() - t0:.0f}s; wrote {base}.json, {base}.svg, {base}_loss.svg")

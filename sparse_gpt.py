@@ -51,8 +51,14 @@ class GPTConfig:
 
     def __post_init__(self):
         self.sparse_sites = tuple(self.sparse_sites)
+        for key in ("n_layer", "d_model", "d_head", "mlp_ratio", "vocab_size", "block_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be positive")
         if not 0.0 < self.afrac <= 1.0:
             raise ValueError(f"afrac={self.afrac} is outside (0, 1]")
+        if self.afrac < 1 and self.sparse_sites and int(self.afrac * self.d_model) == 0:   # k = 0 would mean "off"
+            raise ValueError(f"afrac={self.afrac} keeps no activation of d_model={self.d_model}; "
+                             f"need afrac >= {1 / self.d_model:g}")
         if self.d_model % self.d_head:
             raise ValueError(f"d_model={self.d_model} is not a multiple of d_head={self.d_head}")
         unknown = set(self.sparse_sites) - set(ALL_SPARSE_SITES)
@@ -252,17 +258,20 @@ class GPT(nn.Module):
 
     @contextmanager
     def hooks(self, fns):
-        """Install fn(x, name) -> x at the named sites for the length of the block."""
+        """Install fn(x, name) -> x at the named sites for the length of the block (nested blocks
+        compose: recording inside an ablation records the ablated value)."""
         unknown = [n for n in fns if n not in self.sites]
         if unknown:
             raise KeyError(f"unknown site(s) {unknown}; sites are e.g. {list(self.sites)[:9]} ... 'final_resid'")
+        previous = {name: self.sites[name].hook for name in fns}
         try:
-            for name, fn in fns.items():
-                self.sites[name].hook = fn
+            for name, fn in fns.items():   # inside another hooks() block: run after the hook already there
+                outer = previous[name]
+                self.sites[name].hook = fn if outer is None else (lambda x, n, outer=outer, fn=fn: fn(outer(x, n), n))
             yield self
         finally:
-            for name in fns:
-                self.sites[name].hook = None
+            for name, hook in previous.items():
+                self.sites[name].hook = hook
 
     def run_with_cache(self, idx, names=None):
         """Forward pass that also returns {site name: activation} for the named (default: all) sites."""
@@ -272,7 +281,7 @@ class GPT(nn.Module):
             cache[name] = x.detach()
             return x
 
-        with self.hooks({n: record for n in (names or self.sites)}):
+        with self.hooks({n: record for n in (self.sites if names is None else names)}):
             logits, _ = self(idx)
         return logits, cache
 

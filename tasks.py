@@ -13,9 +13,14 @@ picks which of its two classes to draw, so a prompt set alternates them and is e
 Both answers must be single tokens of our tokenizer, and the prompt must end where the tokenizer
 would split it from the answer: make_prompts checks this for every prompt and raises at once if
 not. A prompt's split (train or test) is a hash of its text, so the splits never share a prompt.
+A model whose context (block_size) is shorter than a task's longest prompt is not asked that task:
+a one-line error names the task, the prompt's length and the block_size (prompts are not dropped,
+so every model is measured on the same prompts). A model is read with the tokenizer it was trained
+with: the data folder its checkpoint records.
 To add a task: write one function next to the others and add it to TASKS.
 """
 
+import os
 import random
 import zlib
 from collections import namedtuple
@@ -384,26 +389,27 @@ def encode_example(enc, name, prompt, correct, alt):
     would also split off from prompt + answer (else the model never sees that token there)."""
     ids = enc.encode_ordinary(prompt)
     if len(ids) > MAX_PROMPT_TOKENS:
-        raise ValueError(f"task {name}: a prompt of {len(ids)} tokens (at most {MAX_PROMPT_TOKENS})")
+        raise UserError(f"task {name}: a prompt of {len(ids)} tokens (at most {MAX_PROMPT_TOKENS})")
     if correct == alt:
-        raise ValueError(f"task {name}: both answers are {correct!r}")
+        raise UserError(f"task {name}: both answers are {correct!r}")
     answer_ids = []
     for answer in (correct, alt):
         full = enc.encode_ordinary(prompt + answer)
         if len(full) != len(ids) + 1 or full[:len(ids)] != ids:
             pieces = [enc.decode([t]) for t in enc.encode_ordinary(answer)]
-            raise ValueError(f"task {name}: answer {answer!r} ({pieces} alone) is not one token after the "
-                             f"prompt ending {prompt[-30:]!r}")
+            raise UserError(f"task {name}: answer {answer!r} ({pieces} alone) is not one token after the "
+                            f"prompt ending {prompt[-30:]!r} (a tokenizer of another corpus?)")
         answer_ids.append(full[-1])
     return ids, answer_ids[0], answer_ids[1]
 
 
-def make_prompts(name, enc, n, seed=0, split="train"):
+def make_prompts(name, enc, n, seed=0, split="train", block_size=None):
     """n distinct prompts of a task from one split, alternating the two classes (n/2 each).
-    The same (name, n, seed, split) gives the same prompts on every machine."""
+    The same (name, n, seed, split) gives the same prompts on every machine. A task that cannot be
+    posed (to a model of this block_size, with this tokenizer) is a one-line UserError."""
     task = get_task(name)
-    if n % 2 or split not in ("train", "test"):
-        raise ValueError(f"n={n} must be even and split={split!r} train or test")
+    if n <= 0 or n % 2 or split not in ("train", "test"):
+        raise UserError(f"n={n} must be positive and even and split={split!r} train or test")
     rng = random.Random(f"{name}/{seed}")   # a str seed goes through sha512: no hash randomization
     prompts, seen = [], set()
     for _ in range(100 * n):
@@ -416,7 +422,11 @@ def make_prompts(name, enc, n, seed=0, split="train"):
         seen.add(prompt)
         prompts.append(Prompt(*encode_example(enc, name, prompt, correct, alt), label))
     if len(prompts) < n:
-        raise ValueError(f"task {name}: only {len(prompts)} distinct {split} prompts in {100 * n} draws")
+        raise UserError(f"task {name}: only {len(prompts)} distinct {split} prompts in {100 * n} draws")
+    longest = max(len(p.ids) for p in prompts)
+    if block_size is not None and longest > block_size:
+        raise UserError(f"task {name}: a {split} prompt of {longest} tokens does not fit the model's "
+                        f"block_size={block_size}")
     return prompts
 
 # -----------------------------------------------------------------------------
@@ -501,12 +511,38 @@ def bracket_dilution(model, enc, device, seed=0, samples=32):
         for make in layouts.values():
             texts = [f"{rng.choice(LOCALS)} = [{make(n)}" for _ in range(samples)]
             prompts = [Prompt(*encode_example(enc, "bracket_dilution", t, "]]", "]"), 1) for t in texts]
+            if max(len(p.ids) for p in prompts) > model.config.block_size:   # a shorter context: stop here
+                print(f"{n:>5} | and up: prompts longer than the model's block_size={model.config.block_size}")
+                return
             logits = last_logits(model, prompts, device)                      # (N, vocab)
             full = logits.softmax(-1)[:, prompts[0].correct].mean()
             two_way = torch.sigmoid(logit_diff(logits, *answer_ids(prompts))).mean()
             tokens = sum(len(p.ids) for p in prompts) / len(prompts)
             row += f" | {tokens:>16.0f} {full:>6.3f} {two_way:>6.3f}"
         print(row)
+
+# -----------------------------------------------------------------------------
+# a trained model and its tokenizer
+
+def data_folder(ckpt):
+    """The data folder (tokenizer, tokens) the checkpoint's model was trained with: the one it records,
+    else (an older checkpoint, or the folder is gone) the one of its data_dir, built now."""
+    recorded = ckpt.get("data")
+    if recorded and os.path.exists(os.path.join(recorded, "meta.json")):
+        return recorded
+    folder = data.prepare(data.DataConfig(data_dir=ckpt.get("train_config", {}).get("data_dir", "")), verbose=False)
+    if recorded and os.path.basename(os.path.normpath(recorded)) != os.path.basename(folder):   # named by its inputs
+        print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "
+              "now (its tokenizer differs if the files or data.py changed since training)")
+    return folder
+
+
+def load_model(path, device):
+    """(model in eval mode, checkpoint, data folder) of a train.py checkpoint."""
+    ckpt = load_checkpoint(path, device)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt, data_folder(ckpt)
 
 # -----------------------------------------------------------------------------
 # the script
@@ -526,13 +562,8 @@ def main(argv):
         list_tasks(names, data.get_encoding(data.prepare(data.DataConfig(), verbose=False)), cfg.seed)
         return
     cfg.device = resolve_device(cfg.device)
-    ckpt = load_checkpoint(cfg.ckpt, cfg.device)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(cfg.device).eval()
-    # the tokenizer the model was trained with: the cache of the checkpoint's own corpus
-    data_dir = ckpt.get("train_config", {}).get("data_dir", "")
-    enc = data.get_encoding(data.prepare(data.DataConfig(data_dir=data_dir), verbose=False))
+    model, _, folder = load_model(cfg.ckpt, cfg.device)
+    enc = data.get_encoding(folder)
     if cfg.probe == "bracket_dilution":
         bracket_dilution(model, enc, cfg.device, cfg.seed)
         return
@@ -540,11 +571,17 @@ def main(argv):
     print(f"{'task':<28} {'prompts':>7} {'loss':>7} {'acc':>6}")
     results = []
     for name in names:
-        prompts = make_prompts(name, enc, cfg.n_prompts, cfg.seed, cfg.split)
+        try:
+            prompts = make_prompts(name, enc, cfg.n_prompts, cfg.seed, cfg.split, model.config.block_size)
+        except UserError as e:   # one task the model cannot be asked: the others still get their row
+            if len(names) == 1:
+                raise
+            print(f"{name:<28} skipped: {e}")
+            continue
         loss, acc = evaluate(model, prompts, cfg.device, cfg.batch_size)
         results.append((loss, acc))
         print(f"{name:<28} {len(prompts):>7} {loss:>7.4f} {acc:>6.3f}")
-    if len(results) > 1:
+    if len(results) > 1:   # over the tasks that got a row
         mean_loss = sum(loss for loss, _ in results) / len(results)
         mean_acc = sum(acc for _, acc in results) / len(results)
         solved = sum(loss <= 0.15 for loss, _ in results)

@@ -25,6 +25,7 @@ import bench
 import bridge
 import headline
 import data
+import draw
 import prune
 import tasks
 import train
@@ -125,6 +126,28 @@ def test_hooks_record_and_replace_exactly_what_they_should():
             pass
 
 
+def test_nested_hooks_compose_and_restore():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 64, (2, 16))
+    ablate = lambda x, name: torch.zeros_like(x)
+    with model.hooks({"0.mlp.post_act": ablate}):
+        _, cache = model.run_with_cache(idx, ["0.mlp.post_act", "0.attn.q"])
+        assert cache["0.mlp.post_act"].abs().sum() == 0           # recorded after the ablation
+        assert model.sites["0.mlp.post_act"].hook is ablate       # and the ablation is back
+        assert model.run_with_cache(idx, [])[1] == {}             # an empty list records nothing
+    assert all(site.hook is None for site in model.sites.values())
+
+
+def test_config_refuses_afrac_that_keeps_nothing_and_bad_sizes():
+    with pytest.raises(ValueError, match="afrac=0.005"):
+        GPTConfig(d_model=128, afrac=0.005)                      # int(0.64) = 0 would switch AbsTopK off
+    assert GPTConfig(d_model=128, afrac=0.005, sparse_sites=()).afrac == 0.005   # no AbsTopK site: fine
+    for bad in (dict(d_head=0), dict(d_model=-16), dict(mlp_ratio=0), dict(n_layer=0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            GPTConfig(**bad)
+
+
 def test_projection_exact_counts_min_per_channel_and_dense_parts_untouched():
     torch.manual_seed(0)
     model = GPT(tiny_config())
@@ -201,6 +224,22 @@ def test_config_parsing_and_bad_values():
             train.config_from_args([bad, "--out_dir=out/never"])
 
 
+def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_written(tmp_path):
+    from config import resolve_device
+    for bad, words in [("--mlp_ratio=0", "mlp_ratio=0 must be positive"), ("--d_head=0", "d_head=0 must be positive"),
+                       ("--d_model=-16", "d_model=-16 must be positive"), ("--d_model=0", "d_model=0 must be positive"),
+                       ("--out_dir=", "out_dir is empty")]:
+        with pytest.raises(UserError, match=words):
+            train.config_from_args([f"--out_dir={tmp_path / 'o'}", bad])
+    for name in ["gpu", "cuda:x", "cuda:99", "cpu:0"] + ([] if torch.backends.mps.is_available() else ["mps"]):
+        with pytest.raises(UserError, match=f"--device={name} "):
+            resolve_device(name)
+    assert resolve_device("cpu") == "cpu" and resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(UserError, match="--device=gpu is unknown; allowed: auto, cpu, cuda, cuda:N"):
+        train.train(tiny_train_config(tmp_path / "o", device="gpu"))
+    assert not (tmp_path / "o").exists()
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=120)
 
@@ -255,6 +294,50 @@ def test_bpe_training_on_a_toy_corpus():
 def test_data_dir_without_py_files_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="holds no .py files"):
         data.prepare(data.DataConfig(data_dir=str(tmp_path)))
+
+
+def test_data_config_bad_values_are_user_errors():
+    for bad, words in [("--val_every=0", "val_every=0 must be at least 2"), ("--val_every=1", "val_every=1 must"),
+                       ("--tokenizer_sample_bytes=0", "tokenizer_sample_bytes=0 must be positive")]:
+        with pytest.raises(UserError, match=words):
+            parse_args(data.DataConfig, [bad])
+
+
+def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeypatch):
+    import zlib
+    stdlib = data.default_data_dir()
+    rel = [os.path.relpath(p, stdlib) for p in data.list_py_files(stdlib)]
+    assert data.val_flags(rel, 50) == [data.is_val(r, 50) for r in rel]   # the standard corpus splits as before
+    names = ["argparse.py", "ast.py", "csv.py", "difflib.py", "inspect.py", "typing.py"]
+    assert not any(data.is_val(n, 50) for n in names)                      # the hash alone picks none of these
+    home = tmp_path / "home"
+    (home / "small").mkdir(parents=True)
+    for n in names:
+        (home / "small" / n).write_bytes(open(os.path.join(stdlib, n), "rb").read())
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)                       # "~/small" is not a path relative to here
+    folder = data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    nearest = min(names, key=lambda n: zlib.crc32(n.encode()) % 50)
+    assert meta["data_dir"] == str(home / "small") and meta["val_files"] == 1
+    assert meta["val_bytes"] == os.path.getsize(home / "small" / nearest)
+    assert len(data.load_tokens(folder, "val")) == meta["val_tokens"] > 0
+    assert train.TrainConfig(data_dir="~/small").data_dir == str(home / "small")
+
+
+def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_path, corpus, monkeypatch):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "tokenizer.tiktoken").write_bytes(open(os.path.join(corpus[0], "tokenizer.tiktoken"), "rb").read())
+    np.arange(1000, dtype=np.uint16).tofile(folder / "train.bin")
+    monkeypatch.setattr(data, "prepare", lambda cfg, verbose=True: str(folder))
+    for n in (0, 33):   # block_size 32 needs 34 tokens: a window of 33 and a second place to start it
+        np.zeros(n, dtype=np.uint16).tofile(folder / "val.bin")
+        with pytest.raises(UserError, match=f"val split of .* has {n} tokens, too few for --block_size=32 \\(needs 34\\)"):
+            train.train(tiny_train_config(tmp_path / "o", device="cpu"))
+    x, y = data.get_batch(np.arange(34, dtype=np.uint16), 2, 32, torch.Generator())   # 34 is enough
+    assert x.shape == y.shape == (2, 32)
+    assert not (tmp_path / "o").exists()
 
 # -----------------------------------------------------------------------------
 # whole runs
@@ -422,6 +505,38 @@ def test_evaluation_table_from_a_checkpoint(tmp_path, tiny_gpt, capsys):
     rows = [line.split() for line in lines[2:22]]
     assert [r[0] for r in rows] == list(tasks.TASKS) and all(r[1] == "4" for r in rows)
     assert lines[-2].startswith("mean") and lines[-1].startswith("solved (loss <= 0.15")
+
+
+def test_a_prompt_longer_than_the_model_context_is_a_one_line_error_naming_both(tmp_path, corpus, capsys):
+    _, enc = corpus
+    with pytest.raises(UserError, match=r"^task else_elif: a test prompt of \d+ tokens does not fit the model's "
+                                        r"block_size=64$"):
+        make_prompts("else_elif", enc, 16, 0, "test", block_size=64)
+    path = save_tiny(tmp_path / "short" / "ckpt.pt", tiny_model(block_size=64), 3.0)
+    tasks.main([f"--ckpt={path}", "--n_prompts=4", "--device=cpu"])     # the tasks that fit still get their row
+    lines = capsys.readouterr().out.splitlines()
+    skipped = [line.split()[0] for line in lines if "does not fit the model's block_size=64" in line]
+    assert "else_elif" in skipped and "class_init" not in skipped and lines[-2].startswith("mean")
+    with pytest.raises(UserError, match="else_elif: a test prompt of"):
+        prune.main(fast_args(path, tmp_path / "p", "--task=else_elif"))
+    with pytest.raises(UserError, match=r"for_while: a train prompt of \d+ tokens does not fit"):   # test ones fit
+        prune.main(fast_args(path, tmp_path / "p", "--task=for_while", "--target_loss=0.8"))
+
+
+def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(tmp_path, corpus, capsys):
+    folder, _ = corpus
+    own = tmp_path / "data" / "0123456789ab"                       # e.g. a tokenizer of older code, kept
+    own.mkdir(parents=True)
+    for name in ("meta.json", "tokenizer.tiktoken"):
+        (own / name).write_bytes(open(os.path.join(folder, name), "rb").read())
+    path = save_tiny(tmp_path / "m" / "ckpt.pt", tiny_model(), 3.0)
+    torch.save({**torch.load(path, weights_only=False), "data": str(own)}, path)
+    assert tasks.load_model(path, "cpu")[2] == str(own)
+    gone = lambda key: {"data": str(tmp_path / "gone" / key), "train_config": {"data_dir": ""}}
+    assert tasks.data_folder(gone(os.path.basename(folder))) == folder   # the same inputs: built again
+    assert "note" not in capsys.readouterr().out
+    assert tasks.data_folder(gone("0123456789ab")) == folder             # other inputs: said so
+    assert "note: the model's data folder" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
 # pruning
@@ -635,6 +750,23 @@ def test_length_sorted_micro_batches_give_the_batch_gradient(corpus):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
 
 
+def test_a_step_of_fewer_prompts_than_pieces_gives_the_batch_gradient(corpus):
+    _, enc = corpus
+    model = tiny_model()
+    prompts = make_prompts("else_elif", enc, 2, 0, "train")
+    means = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
+    grads = []
+    for batch_size, micro in ((2, 1), (2, 0), (64, 0), (64, 3)):   # 0: 4 pieces on a CPU; 3 > the 2 prompts
+        cfg = prune.PruneConfig(steps=1, batch_size=batch_size, micro_batches=micro, lr=0.0, tau_std=0.5)
+        taus = prune.train_masks(model, prompts, means, cfg, "cpu", log=lambda *a: None)
+        grads.append(torch.cat([t.grad for t in prune.unique(taus)]))
+    assert grads[0].abs().max() > 0
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-7)
+    with pytest.raises(UserError, match=r"--micro_batches=3 is outside \[0, --batch_size=2\]"):
+        parse_args(prune.PruneConfig, ["--batch_size=2", "--micro_batches=3"])
+
+
 # -----------------------------------------------------------------------------
 # records, pictures, the script
 
@@ -725,7 +857,7 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
         real_main(argv + fast_args(argv[0].split("=", 1)[1], argv[2].split("=", 1)[1])[2:])
     monkeypatch.setattr(prune, "main", fast_prune)
     args = [f"--sparse={sparse}", f"--dense={far},{near}", "--tasks=for_while,if_equals", "--target_loss=0.8",
-            "--prune_steps=3", "--k_coefs=1e-4,0.5", f"--out_dir={tmp_path / 'h'}", "--device=cpu"]
+            "--prune_steps=3", "--k_coefs=1e-4,0.5", "--n_test=16", f"--out_dir={tmp_path / 'h'}", "--device=cpu"]
     headline.main(args)
     result = json.loads(open_text(tmp_path / "h" / "headline.json"))
     (c,) = result["comparisons"]
@@ -788,6 +920,65 @@ def test_headline_skips_a_task_whose_answer_this_tokenizer_splits(corpus, tiny_g
     assert "skipped if_equals: task if_equals: answer '=='" in capsys.readouterr().out
 
 
+def test_headline_leaves_out_what_has_no_circuit_and_still_writes_the_table(tmp_path, corpus, monkeypatch, capsys):
+    torch.manual_seed(1)                                              # the models of the test above: both tasks solved
+    dense = lambda: GPT(tiny_model().config).eval()
+    sparse = save_tiny(tmp_path / "sparse" / "ckpt.pt", tiny_model(), 3.0)
+    far, near = (save_tiny(tmp_path / name / "ckpt.pt", dense(), val) for name, val in (("far", 2.5), ("near", 3.1)))
+    def smallest(path, task, cfg, device):                           # far (only on the plot): no circuit at all
+        if path == far or (path == near and task == "if_equals"):
+            raise UserError(f"{path}: no circuit for {task}")
+        return {"n_edges": 7 if path == sparse else 70, "n_nodes": 3, "losses": {"circuit": 0.5},
+                "settings": {"k_coef": 1e-4, "seed": 0}}
+    monkeypatch.setattr(headline, "smallest_circuit", smallest)
+    headline.main([f"--sparse={sparse}", f"--dense={far},{near}", "--tasks=for_while,if_equals", "--target_loss=0.8",
+                   "--n_test=16", f"--out_dir={tmp_path / 'h'}", "--device=cpu"])
+    result = json.loads(open_text(tmp_path / "h" / "headline.json"))
+    (c,) = result["comparisons"]
+    assert [r["task"] for r in c["rows"]] == ["for_while"] and c["ratio"] == pytest.approx(10)
+    assert result["plot_tasks"] == ["for_while"] and [p["name"] for p in result["points"]] == ["sparse", "near"]
+    out = capsys.readouterr().out
+    assert "if_equals left out" in out and "plot: far left out" in out
+
+
+def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_models_own(tmp_path, monkeypatch):
+    a = save_tiny(tmp_path / "a" / "x" / "ckpt.pt", tiny_model(), 3.0)
+    b = str(tmp_path / "b" / "x" / "ckpt.pt")                          # a folder of the same name
+    cfg = headline.HeadlineConfig(sparse=a, dense=f"{b},out/cpu45/ckpt.pt,out/cpu45/step800.pt", n_test=16,
+                                  out_dir=str(tmp_path / "h"))
+    names = headline.model_names(cfg)
+    assert names["out/cpu45/ckpt.pt"] == "cpu45" and names["out/cpu45/step800.pt"] == "cpu45_step800"
+    assert names[a].startswith("x_") and names[b].startswith("x_") and names[a] != names[b]
+    calls = []
+    def no_circuit(argv):
+        calls.append(argv)
+        raise UserError("for_while: no circuit reaches loss 0.15 on the bisection prompts")
+    monkeypatch.setattr(prune, "main", no_circuit)
+    assert headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu") is None
+    assert "--n_test=16" in calls[0]                                   # prune poses the task on headline's prompts
+    headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
+    assert len(calls) == 1                                             # the failure is cached ...
+    st = os.stat(a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))         # ... until the checkpoint is written again
+    headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
+    assert len(calls) == 2
+    record = tmp_path / "h" / "circuits" / names[a] / "k_coef=0.0001" / "for_while.json"
+    for later, pruned in ((0, 3), (2 * 10 ** 9, 3)):   # a record from before the key: reused if newer than the file
+        old = {k: v for k, v in json.loads(open_text(record)).items() if k != "checkpoint_key"}
+        record.write_text(json.dumps(old))
+        os.utime(record, ns=(st.st_atime_ns, st.st_mtime_ns + later))
+        headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
+        assert len(calls) == pruned
+    with pytest.raises(UserError, match="search that found no circuit: for_while: no circuit reaches"):
+        draw.main([f"--circuit={record}"])                             # draw.py on it: one line, not a KeyError
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="is not a circuit record of prune.py"):
+        draw.main([f"--circuit={tmp_path / 'list.json'}"])
+    for bad in (3, 0):
+        with pytest.raises(UserError, match=f"--n_test={bad} must be positive and even"):
+            headline.HeadlineConfig(n_test=bad)
+
+
 # -----------------------------------------------------------------------------
 # bridges
 
@@ -845,6 +1036,102 @@ def test_hybrid_pass_runs_the_first_model_up_to_the_site_and_the_other_after_it(
         torch.testing.assert_close(bridge.hybrid(second, idx, "1.resid_mid", x), by_hand)
 
 
+def two_bridged_models():
+    """A frozen 'dense' model and a 'sparse' one of another width (so a swapped pass cannot run), both random."""
+    torch.manual_seed(0)
+    dense = GPT(tiny_config(d_model=48)).eval().requires_grad_(False)
+    sparse = GPT(tiny_config(d_model=32)).eval()
+    with torch.no_grad():
+        dense.bigram.normal_()                           # bigram tables that are not zero: the outputs differ more
+        sparse.bigram.normal_()
+    return dense, sparse, bridge.Bridges(bridge.bridge_sites(sparse), 48, 32, afrac=0.25)
+
+
+def test_bridge_losses_and_their_gradients_equal_the_terms_by_hand():
+    dense, sparse, bridges = two_bridged_models()
+    sites, x, y = bridges.sites, torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    # by hand: the activations at the sites (the sparse ones with their graph), then every term from its formula
+    d_logits, d_acts = dense.run_with_cache(x, sites)
+    s_acts = {}
+
+    def keep(a, name):
+        s_acts[name] = a
+        return a
+    with sparse.hooks({s: keep for s in sites}):
+        s_logits = sparse(x)[0]
+
+    def nmse(p, t):
+        p, t = p.flatten(0, 1), t.flatten(0, 1)
+        return ((p - t) ** 2).sum() / ((t - t.mean(0)) ** 2).sum()
+
+    def kl(p_logits, q_logits):                                      # KL(p || q) per token, averaged
+        return F.kl_div(F.log_softmax(q_logits, -1).flatten(0, 1), F.log_softmax(p_logits, -1).flatten(0, 1),
+                        log_target=True, reduction="batchmean")
+
+    def at(site):
+        i = sites.index(site)
+        enc = abstopk(bridges.encoders[i](d_acts[site]), 8)          # k = 0.25 * 32
+        dec = bridges.decoders[i](s_acts[site])
+        with sparse.hooks({site: lambda a, name: enc}):
+            ds = sparse(x)[0]                                        # dense up to the site, sparse after
+        with dense.hooks({site: lambda a, name: dec}):
+            sd = dense(x)[0]                                         # sparse up to the site, dense after
+        return {"nmse_enc": nmse(enc, s_acts[site]), "nmse_dec": nmse(dec, d_acts[site]),
+                "kl_ds": kl(d_logits, ds), "kl_sd": kl(d_logits, sd)}
+    by_site = {s: at(s) for s in sites}
+    # the evaluation's per-site terms
+    with torch.no_grad():
+        dense_logits, dense_acts, _, sparse_acts = bridge.both_models(sparse, dense, x, sites)
+        for s in sites:
+            got = bridge.site_terms(sparse, dense, bridges, x, s, dense_logits, dense_acts, sparse_acts)
+            for key, value in got.items():
+                torch.testing.assert_close(value, by_site[s][key].detach(), msg=f"{s} {key}")
+    # the training loss: values, and gradients into the sparse model and the bridges
+    want = {"ce": F.cross_entropy(s_logits.flatten(0, 1), y.flatten()),
+            "nmse_enc": sum(by_site[s]["nmse_enc"] for s in sites) / len(sites),
+            "nmse_dec": sum(by_site[s]["nmse_dec"] for s in sites) / len(sites),
+            "kl_ds": by_site["1.resid_pre"]["kl_ds"], "kl_sd": by_site["0.resid_mid"]["kl_sd"]}
+    got = bridge.bridge_losses(sparse, dense, bridges, x, y, "1.resid_pre", "0.resid_mid")
+    params = [*sparse.parameters(), *bridges.parameters()]
+
+    def grads(loss):
+        return [torch.zeros_like(p) if g is None else g
+                for p, g in zip(params, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))]
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=key)
+        for p, g, w in zip(params, grads(got[key]), grads(want[key])):
+            torch.testing.assert_close(g, w, msg=key)
+    # every bridge term trains the sparse model and the bridges (the pass through the frozen dense model too)
+    wte, enc_w, dec_w = sparse.wte.weight, bridges.encoders[0].weight, bridges.decoders[0].weight
+    for key, reaches in [("nmse_enc", [wte, enc_w]), ("nmse_dec", [wte, dec_w]), ("kl_sd", [wte]),
+                         ("kl_ds", [sparse.lm_head.weight, bridges.encoders[2].weight])]:
+        for p, g in zip(params, grads(got[key])):
+            if any(p is r for r in reaches):
+                assert g.abs().sum() > 0, key
+    assert not any(p.requires_grad for p in dense.parameters())
+
+
+def test_bridge_training_steps_move_the_bridges_and_lower_the_loss():
+    dense, sparse, bridges = two_bridged_models()
+    sparse.train()
+    cfg = bridge.BridgeConfig(device="cpu", max_iters=10, n_layer=2, d_model=32, block_size=16, l0_frac=0.5,
+                              eval_task="")
+    optimizer = train.make_optimizer(sparse, cfg)
+    bridge_opt = torch.optim.AdamW(bridges.parameters(), lr=cfg.bridge_lr, weight_decay=0.0)
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+
+    @torch.no_grad()
+    def loss():                                                      # over every site, on the one batch
+        return sum(bridge.total_loss(bridge.bridge_losses(sparse, dense, bridges, x, y, s, s), cfg).item()
+                   for s in bridges.sites)
+    before, weights = loss(), [p.detach().clone() for p in bridges.parameters()]
+    for step in range(cfg.max_iters):
+        bridge.train_step(sparse, dense, bridges, optimizer, bridge_opt, x, y, step, cfg)
+    assert all(not torch.equal(w, p) for w, p in zip(weights, bridges.parameters()))
+    after = loss()
+    assert after < 0.8 * before, (before, after)
+
+
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("dense")
@@ -899,6 +1186,42 @@ def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "is a sparse model" in lines[0]
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+    with pytest.raises(UserError, match="is not a bridge.py checkpoint"):              # a train.py run
+        bridge.config_from_args([f"--out_dir={sparse_dir}", "--resume=True"])
+    for bad, words in (("--steer_prompts=7", "must be even"), ("--steer_prompts=0", "must be even"),
+                       ("--steer_controls=0", "steer_controls=0 must be at least 1"),
+                       ("--bridge_afrac=0.01", "keeps no channel of d_model=32")):
+        with pytest.raises(UserError, match=words):
+            bridge.config_from_args([bad, "--d_model=32", f"--out_dir={tmp_path / 'w'}"])
+
+
+def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the_run_bit_for_bit(tmp_path, tiny_dense):
+    not_default = dict(max_iters=4, eval_interval=2, learning_rate=1e-2, bridge_lr=1e-2, coef_kl_sd=0.5)
+    full = bridge.train_bridges(tiny_bridge_config(tmp_path / "full", tiny_dense, **not_default))
+    bridge.train_bridges(tiny_bridge_config(tmp_path / "cut", tiny_dense, stop_iter=2, **not_default))
+    args = [f"--out_dir={tmp_path / 'cut'}", "--resume=True"]
+    cfg = bridge.config_from_args(args)                               # nothing repeated on the command line
+    assert (cfg.learning_rate, cfg.bridge_lr, cfg.coef_kl_sd, cfg.d_model, cfg.dense) == (1e-2, 1e-2, 0.5, 32, tiny_dense)
+    assert bridge.train_bridges(cfg) == full                          # the same evaluation, exactly
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=False) for run in ("full", "cut"))
+    for part in ("model", "bridges"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    for extra, words in ((["--d_model=64"], r"cannot change the model or bridge shape \(d_model\)"),
+                         (["--bridge_afrac=0.5"], r"bridge shape \(bridge_afrac\)"), ([], "already at step 4")):
+        with pytest.raises(UserError, match=words):
+            bridge.train_bridges(bridge.config_from_args(args + extra))
+
+
+def test_steer_leaves_out_prompts_longer_than_the_context_and_refuses_when_a_class_has_none(tmp_path, tiny_dense,
+                                                                                            capsys):
+    for block in (64, 16):
+        bridge.train_bridges(tiny_bridge_config(tmp_path / str(block), tiny_dense, block_size=block, max_iters=1))
+    steer = dict(steer=True, steer_prompts=8, steer_site="0.resid_mid", steer_controls=1)
+    result = bridge.steer(tiny_bridge_config(tmp_path / "64", tiny_dense, **steer))   # 2 of its 8 prompts are longer
+    assert "note: 2 of 8 prompts are longer than the models' block_size=64" in capsys.readouterr().out
+    assert all(0.0 <= p <= 1.0 for p in result["edit"])
+    with pytest.raises(UserError, match="fits block_size=16"):
+        bridge.steer(tiny_bridge_config(tmp_path / "16", tiny_dense, **steer))
 
 # -----------------------------------------------------------------------------
 # bench

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tasks
-from config import UserError, parse_args, resolve_device, run_main
+from config import UserError, parse_args, resolve_device, run_main, write_atomic
 from sparse_gpt import ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
 
@@ -73,13 +73,16 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 0.1               # large on purpose (authors' code)
     # system
-    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast on CUDA)
     compile: bool = False
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise UserError(f"--preset={self.preset} is unknown; allowed: {', '.join(PRESETS)}")
+        if not self.out_dir:
+            raise UserError("--out_dir is empty; give the folder for the checkpoint")
+        self.data_dir = data.user_dir(self.data_dir)   # saved absolute: a resume from elsewhere reads the same files
         if not 0.0 < self.l0_frac <= 1.0:
             raise UserError(f"--l0_frac={self.l0_frac} is outside (0, 1]")
         if not 0.0 < self.afrac <= 1.0:
@@ -90,7 +93,7 @@ class TrainConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
         for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
-                    "block_size", "gradient_accumulation_steps", "n_layer"):
+                    "block_size", "gradient_accumulation_steps", "n_layer", "d_model", "d_head", "mlp_ratio"):
             if getattr(self, key) <= 0:
                 raise UserError(f"--{key}={getattr(self, key)} must be positive")
         if self.eval_task:
@@ -99,7 +102,7 @@ class TrainConfig:
             raise UserError(f"--stop_iter={self.stop_iter} is outside [0, max_iters={self.max_iters}]")
         try:
             self.model_config()      # the model's own checks (d_head divides d_model, site names)
-        except ValueError as e:
+        except (ValueError, ZeroDivisionError) as e:
             raise UserError(str(e))
 
     def model_config(self):
@@ -246,6 +249,17 @@ def preset_asked(argv):
     return next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
 
 
+def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
+    """The checkpoint's saved settings as the base, then --key=value; fixed_keys (what shapes the
+    loaded tensors) may not change."""
+    base = cls(**{**saved["train_config"], "resume": True, "stop_iter": 0})
+    cfg = parse_args(cls, argv, base=base)
+    changed = [k for k in fixed_keys if getattr(cfg, k) != getattr(base, k)]
+    if changed:
+        raise UserError(f"--resume cannot change the model or bridge shape ({', '.join(changed)}) of {ckpt_path}")
+    return cfg
+
+
 def config_from_args(argv):
     """Defaults -> preset (cpu, or gpu when CUDA is there) -> --key=value. With --resume=True the
     checkpoint's saved settings are the base instead, and the model shape may not change."""
@@ -258,11 +272,7 @@ def config_from_args(argv):
         saved = load_checkpoint(ckpt_path)
         if "train_config" not in saved:
             raise UserError(f"{ckpt_path} is not a train.py checkpoint (no train_config)")
-        base = TrainConfig(**{**saved["train_config"], "resume": True, "stop_iter": 0})
-        cfg = parse_args(TrainConfig, argv, base=base)
-        changed = [k for k in MODEL_KEYS if getattr(cfg, k) != getattr(base, k)]
-        if changed:
-            raise UserError(f"--resume cannot change the model shape ({', '.join(changed)}) of {ckpt_path}")
+        cfg = resumed_config(TrainConfig, argv, saved, MODEL_KEYS, ckpt_path)
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
     return cfg
@@ -288,6 +298,11 @@ def train(cfg):
     folder = data.prepare(data.DataConfig(data_dir=cfg.data_dir), verbose=master)
     enc = data.get_encoding(folder)
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
+    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+        if len(tokens) < cfg.block_size + 2:   # get_batch draws windows of block_size + 1 tokens
+            raise UserError(f"the {split} split of {cfg.data_dir or data.default_data_dir()} has {len(tokens)} tokens, "
+                            f"too few for --block_size={cfg.block_size} (needs {cfg.block_size + 2}): "
+                            "give a folder with more .py files or a smaller --block_size")
     task_prompts = [p for p in tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test")
                     if len(p.ids) <= cfg.block_size] if cfg.eval_task else []   # a short context sees fewer
 
@@ -307,8 +322,7 @@ def train(cfg):
     elif master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     n_sparse = sum(p.numel() for _, p in model.sparse_params())
     log(f"model: {model.num_params():,} parameters, {n_sparse:,} sparsifiable; target L0 {cfg.l0_frac:g}, "
         f"AbsTopK {cfg.afrac:g}; {world} process(es) on {cfg.device}")
