@@ -197,7 +197,7 @@ def load_dense(path, device):
                         "bridges need a dense one (trained with --l0_frac=1 --afrac=1)")
     dense = GPT(GPTConfig(**ckpt["model_config"]))
     dense.load_state_dict(ckpt["model"])
-    return dense.to(device).eval().requires_grad_(False), tc.get("data_dir", "")
+    return dense.to(device).eval().requires_grad_(False), ckpt
 
 
 def load_bridge_checkpoint(path, device="cpu"):
@@ -249,11 +249,12 @@ def train_step(sparse, dense, bridges, optimizer, bridge_opt, x, y, step, cfg):
 def train_bridges(cfg):
     cfg.device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    dense, data_dir = load_dense(cfg.dense, cfg.device)
-    if cfg.data_dir != data_dir:
+    dense, dense_ckpt = load_dense(cfg.dense, cfg.device)
+    data_dir = dense_ckpt.get("train_config", {}).get("data_dir", "")
+    if cfg.data_dir != data.user_dir(data_dir):   # both absolute (an older checkpoint may hold a relative one)
         raise UserError(f"--data_dir={cfg.data_dir!r} differs from the dense model's {data_dir!r}: "
                         "both models must read the same tokens")
-    folder = data.prepare(data.DataConfig(data_dir=data_dir))
+    folder = data.data_folder(dense_ckpt, verbose=True)   # the dense model's own tokenizer
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
     sparse = GPT(cfg.model_config()).to(cfg.device)
     check_bridgeable(dense.config, sparse.config)
@@ -312,10 +313,10 @@ def load_bridged(cfg):
     ckpt = load_bridge_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device)
     sparse = GPT(GPTConfig(**ckpt["model_config"]))
     sparse.load_state_dict(ckpt["model"])
-    dense, data_dir = load_dense(ckpt["dense"], cfg.device)
+    dense, _ = load_dense(ckpt["dense"], cfg.device)
     bridges = Bridges(ckpt["bridge_sites"], dense.config.d_model, sparse.config.d_model, ckpt["bridge_afrac"])
     bridges.load_state_dict(ckpt["bridges"])
-    return sparse.to(cfg.device).eval(), dense, bridges.to(cfg.device), data_dir
+    return sparse.to(cfg.device).eval(), dense, bridges.to(cfg.device), data.data_folder(ckpt)
 
 
 def means_from_end(model, prompts, site, device):
@@ -332,14 +333,11 @@ def means_from_end(model, prompts, site, device):
 @torch.no_grad()
 def steer(cfg):
     cfg.device = resolve_device(cfg.device)
-    sparse, dense, bridges, data_dir = load_bridged(cfg)
+    sparse, dense, bridges, folder = load_bridged(cfg)
     if cfg.steer_site not in bridges.sites:
         raise UserError(f"--steer_site={cfg.steer_site} is not a bridge site; allowed: {', '.join(bridges.sites)}")
-    enc = data.get_encoding(data.prepare(data.DataConfig(data_dir=data_dir), verbose=False))
-    try:
-        prompts = tasks.make_prompts(cfg.steer_task, enc, cfg.steer_prompts, cfg.seed, "test")
-    except ValueError as e:   # too many prompts asked of a small task, or an answer this tokenizer splits
-        raise UserError(f"--steer_prompts={cfg.steer_prompts}: {e}")
+    enc = data.get_encoding(folder)
+    prompts = tasks.make_prompts(cfg.steer_task, enc, cfg.steer_prompts, cfg.seed, "test")
     fit = [p for p in prompts if len(p.ids) <= sparse.config.block_size]   # a short context sees fewer
     if len(fit) < len(prompts):
         print(f"note: {len(prompts) - len(fit)} of {len(prompts)} prompts are longer than the models' "

@@ -181,7 +181,9 @@ def prepare(cfg=DataConfig(), verbose=True):
     files = list_py_files(data_dir)
     folder = os.path.join(cfg.cache_dir, cache_key(files, cfg))
     if os.path.exists(os.path.join(folder, "meta.json")):
-        return folder
+        with open(os.path.join(folder, "meta.json")) as f:
+            if json.load(f)["val_tokens"] or len(files) < 2:   # else built before val_flags: build it again
+                return folder
     os.makedirs(folder, exist_ok=True)
     t0 = time.time()
     flags = val_flags([os.path.relpath(p, data_dir) for p in files], cfg.val_every)
@@ -215,6 +217,22 @@ def prepare(cfg=DataConfig(), verbose=True):
 
 def get_encoding(folder):
     return make_encoding(os.path.join(folder, "tokenizer.tiktoken"))
+
+
+def data_folder(ckpt, data_dir=None, verbose=False):
+    """The data folder (tokenizer, tokens) a checkpoint's model was trained with: the one it records,
+    while it exists and data_dir (default: the checkpoint's) is the folder it was trained on; else the
+    one of data_dir, built now if need be."""
+    saved_dir = ckpt.get("train_config", {}).get("data_dir", "")
+    data_dir = saved_dir if data_dir is None else data_dir
+    recorded, same_dir = ckpt.get("data"), user_dir(data_dir) == user_dir(saved_dir)
+    if recorded and same_dir and os.path.exists(os.path.join(recorded, "meta.json")):
+        return recorded
+    folder = prepare(DataConfig(data_dir=data_dir), verbose)
+    if recorded and same_dir and os.path.basename(os.path.normpath(recorded)) != os.path.basename(folder):
+        print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "
+              "now (its tokenizer differs if the files or data.py changed since training)")
+    return folder
 
 
 def load_tokens(folder, split):

@@ -458,7 +458,8 @@ def prune_task(model, enc, name, test_prompts, means, cfg, device, log=print):
     taus, keep, k, curve, eval_batches = search(model, train_prompts, eval_prompts, means, cfg, device, log)
     if keep is None:
         raise UserError(f"{name}: no circuit reaches loss {cfg.target_loss} on the bisection prompts, not even "
-                        f"the full model ({curve[max(curve)][1]:.4f})")
+                        f"the full model (mean loss {curve[max(curve)][1]:.4f}; the bisection asks mean + "
+                        f"--bisect_se={cfg.bisect_se:g} standard errors)")
     rec = circuit_record(model, name, taus, keep, k, curve, means, cfg)
     rec["losses"] = checks(model, keep, eval_batches, test_batches, means, cfg)
     if cfg.nonsense:   # the same prompts with the answers swapped: how small can a meaningless "circuit" be?
@@ -506,8 +507,6 @@ def report(rec, log=print):
 def main(argv):
     cfg = parse_args(PruneConfig, argv)
     device = resolve_device(cfg.device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={device} but CUDA is not available; use --device=cpu")
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
     ckpt_key = checkpoint_key(cfg.ckpt)   # in every record; taken first, so a file rewritten meanwhile mismatches
     model, _, folder = load_model(cfg.ckpt, device)         # folder: the tokenizer the model was trained with

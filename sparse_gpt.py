@@ -56,9 +56,10 @@ class GPTConfig:
                 raise ValueError(f"{key}={getattr(self, key)} must be positive")
         if not 0.0 < self.afrac <= 1.0:
             raise ValueError(f"afrac={self.afrac} is outside (0, 1]")
-        if self.afrac < 1 and self.sparse_sites and int(self.afrac * self.d_model) == 0:   # k = 0 would mean "off"
-            raise ValueError(f"afrac={self.afrac} keeps no activation of d_model={self.d_model}; "
-                             f"need afrac >= {1 / self.d_model:g}")
+        widths = [self.d_mlp if s == "mlp_neuron" else self.d_model for s in self.sparse_sites]
+        if self.afrac < 1 and widths and int(self.afrac * min(widths)) == 0:   # k = 0 would mean "off"
+            raise ValueError(f"afrac={self.afrac} keeps no activation of a {min(widths)}-wide site; "
+                             f"need afrac >= {1 / min(widths):g}")
         if self.d_model % self.d_head:
             raise ValueError(f"d_model={self.d_model} is not a multiple of d_head={self.d_head}")
         unknown = set(self.sparse_sites) - set(ALL_SPARSE_SITES)

@@ -524,25 +524,12 @@ def bracket_dilution(model, enc, device, seed=0, samples=32):
 # -----------------------------------------------------------------------------
 # a trained model and its tokenizer
 
-def data_folder(ckpt):
-    """The data folder (tokenizer, tokens) the checkpoint's model was trained with: the one it records,
-    else (an older checkpoint, or the folder is gone) the one of its data_dir, built now."""
-    recorded = ckpt.get("data")
-    if recorded and os.path.exists(os.path.join(recorded, "meta.json")):
-        return recorded
-    folder = data.prepare(data.DataConfig(data_dir=ckpt.get("train_config", {}).get("data_dir", "")), verbose=False)
-    if recorded and os.path.basename(os.path.normpath(recorded)) != os.path.basename(folder):   # named by its inputs
-        print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "
-              "now (its tokenizer differs if the files or data.py changed since training)")
-    return folder
-
-
 def load_model(path, device):
     """(model in eval mode, checkpoint, data folder) of a train.py checkpoint."""
     ckpt = load_checkpoint(path, device)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt, data_folder(ckpt)
+    return model.to(device).eval(), ckpt, data.data_folder(ckpt)
 
 # -----------------------------------------------------------------------------
 # the script

@@ -143,6 +143,7 @@ def test_config_refuses_afrac_that_keeps_nothing_and_bad_sizes():
     with pytest.raises(ValueError, match="afrac=0.005"):
         GPTConfig(d_model=128, afrac=0.005)                      # int(0.64) = 0 would switch AbsTopK off
     assert GPTConfig(d_model=128, afrac=0.005, sparse_sites=()).afrac == 0.005   # no AbsTopK site: fine
+    assert GPTConfig(d_model=16, d_head=4, afrac=0.05, sparse_sites=("mlp_neuron",)).afrac == 0.05   # 3 of 64 kept
     for bad in (dict(d_head=0), dict(d_model=-16), dict(mlp_ratio=0), dict(n_layer=0)):
         with pytest.raises(ValueError, match="must be positive"):
             GPTConfig(**bad)
@@ -323,6 +324,9 @@ def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeyp
     assert meta["val_bytes"] == os.path.getsize(home / "small" / nearest)
     assert len(data.load_tokens(folder, "val")) == meta["val_tokens"] > 0
     assert train.TrainConfig(data_dir="~/small").data_dir == str(home / "small")
+    json.dump({**meta, "val_files": 0, "val_tokens": 0}, open(os.path.join(folder, "meta.json"), "w"))
+    assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder
+    assert json.load(open(os.path.join(folder, "meta.json")))["val_tokens"] > 0   # a cache of the old split: rebuilt
 
 
 def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_path, corpus, monkeypatch):
@@ -533,9 +537,9 @@ def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(t
     torch.save({**torch.load(path, weights_only=False), "data": str(own)}, path)
     assert tasks.load_model(path, "cpu")[2] == str(own)
     gone = lambda key: {"data": str(tmp_path / "gone" / key), "train_config": {"data_dir": ""}}
-    assert tasks.data_folder(gone(os.path.basename(folder))) == folder   # the same inputs: built again
+    assert data.data_folder(gone(os.path.basename(folder))) == folder   # the same inputs: built again
     assert "note" not in capsys.readouterr().out
-    assert tasks.data_folder(gone("0123456789ab")) == folder             # other inputs: said so
+    assert data.data_folder(gone("0123456789ab")) == folder             # other inputs: said so
     assert "note: the model's data folder" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
@@ -1151,9 +1155,9 @@ def test_bridge_training_keeps_the_dense_model_frozen_and_writes_a_normal_checkp
     loaded = []
 
     def spy(path, device):
-        model, data_dir = load_dense(path, device)
+        model, ckpt = load_dense(path, device)
         loaded.append(model)
-        return model, data_dir
+        return model, ckpt
     load_dense = bridge.load_dense
     monkeypatch.setattr(bridge, "load_dense", spy)
     ev = bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense))

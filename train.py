@@ -93,7 +93,7 @@ class TrainConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
         for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
-                    "block_size", "gradient_accumulation_steps", "n_layer", "d_model", "d_head", "mlp_ratio"):
+                    "block_size", "gradient_accumulation_steps"):
             if getattr(self, key) <= 0:
                 raise UserError(f"--{key}={getattr(self, key)} must be positive")
         if self.eval_task:
@@ -101,8 +101,8 @@ class TrainConfig:
         if self.stop_iter < 0 or self.stop_iter > self.max_iters:
             raise UserError(f"--stop_iter={self.stop_iter} is outside [0, max_iters={self.max_iters}]")
         try:
-            self.model_config()      # the model's own checks (d_head divides d_model, site names)
-        except (ValueError, ZeroDivisionError) as e:
+            self.model_config()      # the model's own checks (sizes positive, d_head divides d_model, site names)
+        except ValueError as e:
             raise UserError(str(e))
 
     def model_config(self):
@@ -295,7 +295,10 @@ def train(cfg):
     log = print if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
 
-    folder = data.prepare(data.DataConfig(data_dir=cfg.data_dir), verbose=master)
+    start, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, cfg.device) if cfg.resume else None
+    folder = (data.data_folder(ckpt, cfg.data_dir, verbose=master) if ckpt   # the tokenizer it trained with
+              else data.prepare(data.DataConfig(data_dir=cfg.data_dir), verbose=master))
     enc = data.get_encoding(folder)
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
@@ -310,9 +313,7 @@ def train(cfg):
     optimizer = make_optimizer(model, cfg)
     use_scaler = cfg.dtype == "float16" and cfg.device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    start, ckpt_path = 0, os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, cfg.device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
