@@ -13,8 +13,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   dense (l0_frac=1, afrac=1), sparse (the preset), and sparse without AbsTopK (afrac=1). The step
   is taken at an L0 past the anneal, as for most of a run.
 - the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
-  (sparse step minus the same step without AbsTopK), and our projection against a naive reference
-  that sorts every matrix fully.
+  (sparse step minus the same step without AbsTopK; and torch.topk's part of it, timed alone on
+  the sites' shapes), and our projection against a naive reference that sorts every matrix fully.
 - MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
   matmul rate measured here (fp32 on CPU, bf16 on GPU). The sparse model runs the same dense
   matmuls, so its FLOPs are counted as dense.
@@ -176,6 +176,19 @@ def hook_overhead(cfg, reps):
     return plain * 1e3, recorded * 1e3
 
 
+def topk_alone_ms(cfg, reps):
+    """ms per step in torch.topk alone: AbsTopK's selection at every sparse site of one forward (the
+    backward selects nothing). The floor of an exact AbsTopK built on topk."""
+    c, rows = cfg.model_config(), cfg.batch_size * cfg.block_size
+    dtype = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32   # what the sites see
+    total = 0.0
+    for width in {c.d_model, c.d_mlp} if c.afrac < 1 else ():
+        sites = c.n_layer * sum((c.d_mlp if s == "mlp_neuron" else c.d_model) == width for s in c.sparse_sites)
+        a = torch.randn(rows, width, device=cfg.device, dtype=dtype).abs()
+        total += sites * seconds_per_call(lambda: a.topk(int(c.afrac * width), dim=-1, sorted=False), reps, cfg.device)
+    return total * 1e3
+
+
 def prune_time(ckpt, task, device, out_dir):
     """Seconds for prune.py's whole pipeline on one task (masks, bisection, checks; the pretraining
     means too on the first run, then they come from prune.py's cache under out_dir)."""
@@ -213,11 +226,13 @@ def bench_shape(shape, bc, device, peaks):
     ours = seconds_per_call(lambda: model.project_weights(frac), bc.steps, device)
     naive = seconds_per_call(lambda: naive_project(model, frac), bc.steps, device)
     plain_ms, recorded_ms = hook_overhead(sparse, bc.steps)
+    topk_ms = topk_alone_ms(sparse, bc.steps)
     s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
             "matmul_peak_flops": peaks[dtype], "runs": runs,
             "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,
-            "abstopk_share": max(0.0, (s - n) / s), "naive_over_ours_projection": naive / ours,
+            "abstopk_share": max(0.0, (s - n) / s), "topk_alone_ms": topk_ms, "topk_alone_share": topk_ms / s,
+            "naive_over_ours_projection": naive / ours,
             "projection_ms": ours * 1e3, "naive_projection_ms": naive * 1e3,
             "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
             "compile_speedup": {v: runs[v + "_eager"]["ms_per_step"] / runs[v]["ms_per_step"]
@@ -240,7 +255,7 @@ def main(argv):
     for shape in bc.shapes.split(","):
         result["shapes"][shape] = r = bench_shape(shape, bc, device, peaks)
         print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} | projection {r['projection_share']:.1%} "
-              f"of a step | AbsTopK {r['abstopk_share']:.1%} | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
+              f"of a step | AbsTopK {r['abstopk_share']:.1%} (topk alone {r['topk_alone_share']:.1%}) | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
               f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "
               f"{r['runs']['sparse']['mfu']:.1%} dense {r['runs']['dense']['mfu']:.1%} | forward "
               f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms"
