@@ -16,8 +16,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   (sparse step minus the same step without AbsTopK; and torch.topk's part of it, timed alone on
   the sites' shapes), and our projection against a naive reference that sorts every matrix fully.
 - MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
-  matmul rate measured here (fp32 on CPU, bf16 on GPU). The sparse model runs the same dense
-  matmuls, so its FLOPs are counted as dense.
+  matmul rate measured here in the dtype the shape trains in (fp32 on a CPU). The sparse model runs
+  the same dense matmuls, so its FLOPs are counted as dense.
 - forward time with no hook against recording one site; the time to prune one task (if given a
   checkpoint that solves it).
 - where the preset compiles (the GPU preset on a GPU): dense and sparse eager too, for what
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from config import UserError, parse_args, resolve_device, run_main, write_atomic
-from sparse_gpt import GPT, target_nonzeros
-from tasks import TASKS
+from sparse_gpt import GPT, load_checkpoint, target_nonzeros
+from tasks import get_task
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_optimizer, optimizer_step
 
 
@@ -181,9 +181,9 @@ def topk_alone_ms(cfg, reps):
     backward selects nothing). The floor of an exact AbsTopK built on topk."""
     c, rows = cfg.model_config(), cfg.batch_size * cfg.block_size
     dtype = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32   # what the sites see
-    total = 0.0
-    for width in {c.d_model, c.d_mlp} if c.afrac < 1 else ():
-        sites = c.n_layer * sum((c.d_mlp if s == "mlp_neuron" else c.d_model) == width for s in c.sparse_sites)
+    total, widths = 0.0, c.abstopk_widths()
+    for width in set(widths):
+        sites = c.n_layer * widths.count(width)
         a = torch.randn(rows, width, device=cfg.device, dtype=dtype).abs()
         total += sites * seconds_per_call(lambda: a.topk(int(c.afrac * width), dim=-1, sorted=False), reps, cfg.device)
     return total * 1e3
@@ -245,10 +245,8 @@ def main(argv):
     device = resolve_device(bc.device)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     if bc.prune_ckpt:                 # a typo found now, not after the whole benchmark
-        prune_model = GPT.from_checkpoint(bc.prune_ckpt)
-        if bc.prune_task not in TASKS:
-            raise UserError(f"--prune_task={bc.prune_task} is unknown; allowed: {', '.join(TASKS)}")
-        del prune_model
+        load_checkpoint(bc.prune_ckpt)
+        get_task(bc.prune_task)
     print(f"device {name}")
     result = {"device": name, "settings": dataclasses.asdict(bc), "shapes": {}}
     peaks = {}                        # dtype -> matmul FLOP/s, measured once per dtype a shape trains in

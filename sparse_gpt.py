@@ -56,8 +56,8 @@ class GPTConfig:
                 raise ValueError(f"{key}={getattr(self, key)} must be positive")
         if not 0.0 < self.afrac <= 1.0:
             raise ValueError(f"afrac={self.afrac} is outside (0, 1]")
-        widths = [self.d_mlp if s == "mlp_neuron" else self.d_model for s in self.sparse_sites]
-        if self.afrac < 1 and widths and int(self.afrac * min(widths)) == 0:   # k = 0 would mean "off"
+        widths = self.abstopk_widths()
+        if widths and int(self.afrac * min(widths)) == 0:   # k = 0 would mean "off"
             raise ValueError(f"afrac={self.afrac} keeps no activation of a {min(widths)}-wide site; "
                              f"need afrac >= {1 / min(widths):g}")
         if self.d_model % self.d_head:
@@ -73,6 +73,10 @@ class GPTConfig:
     @property
     def d_mlp(self):
         return self.mlp_ratio * self.d_model
+
+    def abstopk_widths(self):
+        """The width of each AbsTopK site of a layer (the neuron site is d_mlp wide, the rest d_model)."""
+        return [self.d_mlp if s == "mlp_neuron" else self.d_model for s in self.sparse_sites] if self.afrac < 1 else []
 
 # -----------------------------------------------------------------------------
 # leaf pieces
