@@ -10,8 +10,9 @@ one run on whatever device is here, for the CPU and GPU preset shapes.
 What it measures, per shape (random tokens: speed does not depend on the text):
 - ms/step, tokens/s and peak memory of a training step (forward, backward, grad-RMS normalization,
   Adam, top-k projection) for three variants, each in a fresh process so peak memory is its own:
-  dense (l0_frac=1, afrac=1), sparse (the preset), and sparse without AbsTopK (afrac=1). The step
-  is taken at an L0 past the anneal, as for most of a run.
+  dense (l0_frac=1, afrac=1), sparse (the preset), and sparse without AbsTopK (afrac=1); on a CPU
+  also sparse under glibc's default allocator, for what keeping freed memory buys (every script does,
+  config.keep_freed_memory). The step is taken at an L0 past the anneal, as for most of a run.
 - the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
   (sparse step minus the same step without AbsTopK; and torch.topk's part of it, timed alone on
   the sites' shapes), and our projection against a naive reference that sorts every matrix fully.
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import UserError, parse_args, resolve_device, run_main, write_atomic
+from config import UserError, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
 from sparse_gpt import GPT, load_checkpoint, target_nonzeros
 from tasks import get_task
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_optimizer, optimizer_step
@@ -85,8 +86,11 @@ def variant(shape, device, batch_size, cpu_compile=False, **overrides):
     return cfg
 
 
-def measure_training(cfg, steps, warmup):
-    """Run in a fresh process: ms/step, tokens/s, peak memory, and the projection alone."""
+def measure_training(cfg, steps, warmup, keep_memory=True):
+    """Run in a fresh process: ms/step, tokens/s, peak memory, and the projection alone. keep_memory:
+    the allocator setting every script runs with (config.keep_freed_memory); False is glibc's default."""
+    if keep_memory:
+        keep_freed_memory()
     torch.manual_seed(0)
     model = raw = GPT(cfg.model_config()).to(cfg.device)
     optimizer = make_optimizer(raw, cfg)
@@ -210,8 +214,10 @@ def bench_shape(shape, bc, device, peaks):
     variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
     if sparse.compile:                # the GPU preset compiles: what that buys, against eager
         variants += [(name + "_eager", dataclasses.replace(cfg, compile=False)) for name, cfg in variants[:2]]
+    if device == "cpu":               # what keeping freed memory buys (it concerns CPU tensors only)
+        variants.append(("sparse_glibc_malloc", sparse))
     for name, cfg in variants:
-        runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup)
+        runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup, name != "sparse_glibc_malloc")
         print(f"  {shape} {name:<18} {runs[name]['ms_per_step']:9.1f} ms/step "
               f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB", flush=True)
     model = GPT(sparse.model_config()).to(device)
@@ -236,7 +242,8 @@ def bench_shape(shape, bc, device, peaks):
             "projection_ms": ours * 1e3, "naive_projection_ms": naive * 1e3,
             "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
             "compile_speedup": {v: runs[v + "_eager"]["ms_per_step"] / runs[v]["ms_per_step"]
-                                for v in ("dense", "sparse") if v + "_eager" in runs}}
+                                for v in ("dense", "sparse") if v + "_eager" in runs},
+            "allocator_speedup": (runs["sparse_glibc_malloc"]["ms_per_step"] / s) if "sparse_glibc_malloc" in runs else None}
 
 
 def main(argv):
@@ -257,7 +264,8 @@ def main(argv):
               f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "
               f"{r['runs']['sparse']['mfu']:.1%} dense {r['runs']['dense']['mfu']:.1%} | forward "
               f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms"
-              + "".join(f" | compiled {v} {x:.2f}x eager" for v, x in r["compile_speedup"].items()))
+              + "".join(f" | compiled {v} {x:.2f}x eager" for v, x in r["compile_speedup"].items())
+              + (f" | sparse {r['allocator_speedup']:.2f}x faster keeping freed memory" if r["allocator_speedup"] else ""))
     if bc.prune_ckpt:
         result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
