@@ -91,7 +91,7 @@ def resolve_device(name):
 def keep_freed_memory():
     """Have glibc keep big freed blocks for reuse instead of handing them back to the OS. By default
     each big tensor is a fresh mmap that the kernel page-faults and zeroes on first touch: on a 2-core
-    CPU that was 17% of a sparse step and 5% of a dense one (bench.py times both allocators). PyTorch's
+    CPU that was 16-19% of a sparse training step (bench.py times both allocators). PyTorch's
     CPU tuning guide preloads jemalloc or tcmalloc for the same reason; this is glibc's own knob, so no
     new dependency. Returns False where the C library is not glibc (macOS, Windows, musl)."""
     try:
@@ -104,7 +104,7 @@ def keep_freed_memory():
 
 
 def run_main(main):
-    """Run main(argv); a UserError becomes 'error: ...' on stderr and exit code 2."""
+    """Run main(argv) with freed memory kept; a UserError becomes 'error: ...' on stderr and exit code 2."""
     keep_freed_memory()
     try:
         main(sys.argv[1:])
