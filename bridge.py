@@ -8,6 +8,9 @@ the dense model through them.
     python bridge.py --steer=True --steer_site=1.resid_pre         # edit one sparse channel, steer the dense model
     python bridge.py --help                                        # every setting (train.py's too)
 
+Of train.py's settings, bridge.py refuses the ones it has no use for (TRAIN_ONLY_KEYS: no presets,
+no compile, one micro-batch a step, no samples or task evaluation while training).
+
 Sites: the residual stream after the embedding and after every attention and MLP sublayer
 (sparse_gpt's `{i}.resid_pre`, `{i}.resid_mid`, `final_resid`). At site i an encoder
 (Linear + AbsTopK) maps the dense activation to the sparse one, a decoder (Linear) maps back [paper].
@@ -34,10 +37,13 @@ import torch.nn.functional as F
 
 import data
 import tasks
-from config import UserError, parse_args, resolve_device, run_main
+from config import UserError, as_arg, parse_args, resolve_device, run_main
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint
 from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, estimate_loss, make_optimizer,
                    optimizer_step, resumed_config, save_checkpoint)
+
+
+TRAIN_ONLY_KEYS = ("preset", "compile", "gradient_accumulation_steps", "sample_tokens", "eval_task")
 
 
 @dataclass
@@ -49,6 +55,8 @@ class BridgeConfig(TrainConfig):
     max_iters: int = 500             # sized for 15 minutes on 2 cores with batch 16
     eval_interval: int = 250
     batch_size: int = 16
+    sample_tokens: int = 0           # train.py's; bridge.py neither samples
+    eval_task: str = ""              # nor evaluates a task while training (TRAIN_ONLY_KEYS)
     coef_ce: float = 1.0             # every coefficient 1, as a replication did [3P]
     coef_nmse: float = 1.0
     coef_kl_ds: float = 1.0
@@ -65,6 +73,10 @@ class BridgeConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        unused = [k for k in TRAIN_ONLY_KEYS if getattr(self, k) != getattr(BridgeConfig, k)]
+        if unused:
+            raise UserError(f"--{unused[0]}={as_arg(getattr(self, unused[0]))} is a train.py setting that "
+                            f"bridge.py does not use ({', '.join(TRAIN_ONLY_KEYS)} stay at their defaults)")
         if not 0.0 < self.bridge_afrac <= 1.0:
             raise UserError(f"--bridge_afrac={self.bridge_afrac} is outside (0, 1]")
         if self.bridge_afrac < 1 and int(self.bridge_afrac * self.d_model) == 0:   # k = 0 would mean "off"
@@ -227,7 +239,10 @@ def config_from_args(argv):
     cfg = parse_args(BridgeConfig, argv)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
-        cfg = resumed_config(BridgeConfig, argv, load_bridge_checkpoint(ckpt_path), BRIDGE_KEYS, ckpt_path)
+        saved = load_bridge_checkpoint(ckpt_path)
+        for key in TRAIN_ONLY_KEYS:   # runs from before bridge.py refused them saved train.py's defaults
+            saved["train_config"].pop(key, None)
+        cfg = resumed_config(BridgeConfig, argv, saved, BRIDGE_KEYS, ckpt_path)
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -303,6 +318,7 @@ def train_bridges(cfg):
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
                              "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder})
+            t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     print(f"done: {stop - start} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     return ev
 
@@ -420,7 +436,7 @@ def main(argv):
     if cfg.steer:
         steer(cfg)
     else:
-        print_eval(train_bridges(cfg))
+        train_bridges(cfg)           # it prints the last evaluation itself
 
 
 if __name__ == "__main__":

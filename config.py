@@ -29,9 +29,16 @@ def parse_value(text, default, key):
             return text.lower() in ("true", "1")
         if kind is tuple:
             return tuple(s for s in text.split(",") if s)
+        if kind is str:
+            return os.path.expanduser(text)   # --out_dir=~/x: a shell leaves a ~ after "=" alone
         return kind(text)
     except ValueError:
         raise UserError(f"--{key}={text} is not a valid {kind.__name__} (default {default!r})")
+
+
+def as_arg(value):
+    """A setting's value as --key=value takes it back: tuples comma-separated, text unquoted."""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def parse_args(cls, argv, base=None):
@@ -42,7 +49,7 @@ def parse_args(cls, argv, base=None):
         defaults = base or cls()
         print(f"{cls.__name__} settings (override with --key=value):")
         for name in fields:
-            print(f"  --{name}={getattr(defaults, name)!r}")
+            print(f"  --{name}={as_arg(getattr(defaults, name))}")
         raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:

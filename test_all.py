@@ -214,9 +214,15 @@ def test_grad_rms_normalization():
     torch.testing.assert_close(flat * rms, torch.cat([g.flatten() for g in grads]))
 
 
-def test_config_parsing_and_bad_values():
+def test_config_parsing_and_bad_values(capsys):
     cfg = parse_args(train.TrainConfig, ["--d_model=64", "--l0_frac=0.5", "--compile=true", "--sparse_sites=attn_q,mlp_neuron"])
     assert (cfg.d_model, cfg.l0_frac, cfg.compile, cfg.sparse_sites) == (64, 0.5, True, ("attn_q", "mlp_neuron"))
+    assert parse_args(train.TrainConfig, ["--out_dir=~/runs/a"]).out_dir == os.path.expanduser("~/runs/a")
+    for cls in (train.TrainConfig, bridge.BridgeConfig, prune.PruneConfig, bench.BenchConfig):
+        with pytest.raises(SystemExit):
+            parse_args(cls, ["--help"])
+        shown = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
+        assert parse_args(cls, shown) == cls(), cls                 # every value --help shows is taken back as is
     for bad, words in [("--d_modle=64", "did you mean --d_model"), ("--d_model=big", "not a valid int"),
                        ("--l0_frac=0", "l0_frac=0.0 is outside"), ("--l0_frac=1.5", "l0_frac=1.5 is outside"),
                        ("--afrac=0", "afrac=0.0 is outside"), ("--sparse_sites=attn_x", "unknown sparse_sites"),
@@ -1194,7 +1200,9 @@ def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
         bridge.config_from_args([f"--out_dir={sparse_dir}", "--resume=True"])
     for bad, words in (("--steer_prompts=7", "must be even"), ("--steer_prompts=0", "must be even"),
                        ("--steer_controls=0", "steer_controls=0 must be at least 1"),
-                       ("--bridge_afrac=0.01", "keeps no channel of d_model=32")):
+                       ("--bridge_afrac=0.01", "keeps no channel of d_model=32"),
+                       ("--compile=True", "compile=True is a train.py setting that bridge.py does not use"),
+                       ("--eval_task=with_as", "eval_task=with_as is a train.py setting")):
         with pytest.raises(UserError, match=words):
             bridge.config_from_args([bad, "--d_model=32", f"--out_dir={tmp_path / 'w'}"])
 

@@ -374,6 +374,7 @@ def train(cfg):
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, scaler, done, cfg,
                                 {"val_loss": losses["val"], "task_loss": losses.get("task"), "data": folder})
+            t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     if ddp:   # every rank must hold the same weights: gather them all and compare
         flat = torch.cat([p.detach().flatten() for p in raw.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]
