@@ -890,7 +890,7 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
 
     pooled = []
     class SerialPool:                                                # --jobs's pool, run here (prune.main is patched)
-        def __init__(self, n): pass
+        def __init__(self, n, initializer): initializer()
         def __enter__(self): return self
         def __exit__(self, *exc): pass
         def starmap(self, fn, args, chunksize=1):
