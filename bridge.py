@@ -72,11 +72,11 @@ class BridgeConfig(TrainConfig):
     steer_controls: int = 8          # random channels whose edits, scaled to the same size, are the control
 
     def __post_init__(self):
-        super().__post_init__()
         unused = [k for k in TRAIN_ONLY_KEYS if getattr(self, k) != getattr(BridgeConfig, k)]
-        if unused:
+        if unused:   # before train.py's checks, which would judge such a value as if it were used
             raise UserError(f"--{unused[0]}={as_arg(getattr(self, unused[0]))} is a train.py setting that "
                             f"bridge.py does not use ({', '.join(TRAIN_ONLY_KEYS)} stay at their defaults)")
+        super().__post_init__()
         if not 0.0 < self.bridge_afrac <= 1.0:
             raise UserError(f"--bridge_afrac={self.bridge_afrac} is outside (0, 1]")
         if self.bridge_afrac < 1 and int(self.bridge_afrac * self.d_model) == 0:   # k = 0 would mean "off"

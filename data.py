@@ -58,7 +58,7 @@ def default_data_dir():
 
 
 def user_dir(path):
-    """A --data_dir as given -> absolute: bash leaves ~ alone after --key=, and the split (paths
+    """A data_dir as given (on the command line or in code: ~ too) -> absolute: the split (paths
     relative to the folder) and meta.json must not depend on the working directory. "" stays ""."""
     return os.path.abspath(os.path.expanduser(path)) if path else ""
 

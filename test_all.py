@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -890,7 +891,7 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
 
     pooled = []
     class SerialPool:                                                # --jobs's pool, run here (prune.main is patched)
-        def __init__(self, n, initializer): initializer()
+        def __init__(self, n, initializer): assert initializer is headline.keep_freed_memory
         def __enter__(self): return self
         def __exit__(self, *exc): pass
         def starmap(self, fn, args, chunksize=1):
@@ -1202,7 +1203,8 @@ def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
                        ("--steer_controls=0", "steer_controls=0 must be at least 1"),
                        ("--bridge_afrac=0.01", "keeps no channel of d_model=32"),
                        ("--compile=True", "compile=True is a train.py setting that bridge.py does not use"),
-                       ("--eval_task=with_as", "eval_task=with_as is a train.py setting")):
+                       ("--eval_task=with_as", "eval_task=with_as is a train.py setting"),
+                       ("--preset=bogus", "preset=bogus is a train.py setting")):
         with pytest.raises(UserError, match=words):
             bridge.config_from_args([bad, "--d_model=32", f"--out_dir={tmp_path / 'w'}"])
 
@@ -1218,6 +1220,10 @@ def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the
     a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=False) for run in ("full", "cut"))
     for part in ("model", "bridges"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    old = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)      # as saved before bridge.py refused
+    old["train_config"].update(sample_tokens=48, eval_task="single_double_quote", compile=True)   # train.py's keys
+    torch.save(old, tmp_path / "cut" / "ckpt.pt")
+    assert bridge.config_from_args(args).eval_task == ""              # resumes, with bridge.py's own values
     for extra, words in ((["--d_model=64"], r"cannot change the model or bridge shape \(d_model\)"),
                          (["--bridge_afrac=0.5"], r"bridge shape \(bridge_afrac\)"), ([], "already at step 4")):
         with pytest.raises(UserError, match=words):
@@ -1268,8 +1274,9 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
         return out[0] == "True", int(out[1])
     kept, faults = page_faults("keep")
-    if not kept:
+    if platform.libc_ver()[0] != "glibc":
         pytest.skip("the C library is not glibc: keep_freed_memory does nothing here")
+    assert kept
     _, default_faults = page_faults("default")
-    assert default_faults > 3 * 10_000           # glibc's default: a fresh mapping each time, a fault per 4 KB page
-    assert faults < 1_000                        # kept: the freed block is reused as it is
+    assert default_faults > 20 * max(faults, 50)  # glibc's default: a fresh mapping each time, faulted page by page
+    assert faults < 1_000                         # kept: the freed block is reused as it is
