@@ -100,17 +100,19 @@ def keep_freed_memory():
     each big tensor is a fresh mmap that the kernel page-faults and zeroes on first touch: on a 2-core
     CPU that was 16-24% of a sparse training step (bench.py times both allocators). PyTorch's
     CPU tuning guide preloads jemalloc or tcmalloc for the same reason; this is glibc's own knob, so no
-    new dependency. Returns False where the C library is not glibc (macOS, Windows, musl). Called by
+    new dependency. Returns the mmap threshold set, in bytes (1 GB; 32 MB on older glibc), or 0 where
+    the C library is not glibc (macOS, Windows, musl). Called by
     run_main, bench.py's timed processes and headline.py's pool: remove those calls to turn it off."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
+        return 0
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # glibc's malloc.h
-    # older glibc refuses an mmap threshold over 32 MB (bigger tensors still map afresh there);
-    # and set the trim threshold only with it: either one alone turns off glibc's adaptive thresholds
-    mmap_set = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    return bool(mmap_set) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    for threshold in (1 << 30, 32 << 20):           # older glibc refuses over 32 MB: bigger tensors map afresh there
+        if mallopt(M_MMAP_THRESHOLD, threshold):
+            # the trim threshold only with it: either one alone turns off glibc's adaptive thresholds
+            return threshold if mallopt(M_TRIM_THRESHOLD, 1 << 30) else 0
+    return 0
 
 
 def run_main(main):

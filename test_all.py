@@ -1261,22 +1261,24 @@ def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
     code = """
 import resource, sys, torch
 from config import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else False   # as run_main does: before any tensor
+threshold = keep_freed_memory() if sys.argv[1] == "keep" else 0   # as run_main does: before any tensor
 for _ in range(10):                          # 64 MB tensors allocated and freed, as training steps do: the
     torch.ones(16 * 2**20)                   # heap grows until small objects in its gaps no longer matter
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
     torch.ones(16 * 2**20)
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(threshold, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     def page_faults(mode):
         out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True,
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
-        return out[0] == "True", int(out[1])
-    kept, faults = page_faults("keep")
+        return int(out[0]), int(out[1])
+    threshold, faults = page_faults("keep")
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("the C library is not glibc: keep_freed_memory does nothing here")
-    assert kept
+    assert threshold > 0
+    if threshold < 64 * 2**20:
+        pytest.skip(f"this glibc caps the mmap threshold at {threshold >> 20} MB: 64 MB tensors still map afresh")
     _, default_faults = page_faults("default")
     assert default_faults > 20 * max(faults, 50)  # glibc's default: a fresh mapping each time, faulted page by page
     assert faults < 1_000                         # kept: the freed block is reused as it is
