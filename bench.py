@@ -214,7 +214,7 @@ def bench_shape(shape, bc, device, peaks):
     variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
     if sparse.compile:                # the GPU preset compiles: what that buys, against eager
         variants += [(name + "_eager", dataclasses.replace(cfg, compile=False)) for name, cfg in variants[:2]]
-    if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; True where it took effect)
+    if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
     for name, cfg in variants:
         runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup, name != "sparse_glibc_malloc")

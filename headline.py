@@ -86,13 +86,18 @@ def values_at_least_0(text, kind, key, example):
     return values
 
 
+def checkpoint_paths(text):
+    """'a.pt,~/b.pt' -> ['a.pt', '/home/.../b.pt']: parse_args expands only a leading ~."""
+    return [os.path.expanduser(p) for p in text.split(",") if p]
+
+
 def model_names(cfg):
     """{checkpoint: name} for the tables and the cache folders: its folder (out/cpu45/ckpt.pt -> cpu45;
     out/cpu45/step800.pt -> cpu45_step800), plus a hash of its path where two files would share one."""
     def short(path):
         folder, file = os.path.split(os.path.abspath(path))
         return os.path.basename(folder) + ("" if file == "ckpt.pt" else "_" + os.path.splitext(file)[0])
-    paths = [os.path.expanduser(p) for p in f"{cfg.sparse},{cfg.dense}".split(",") if p]
+    paths = checkpoint_paths(f"{cfg.sparse},{cfg.dense}")
     taken = Counter(short(f) for f in {os.path.abspath(p) for p in paths})   # a file named twice is one model
     hashed = lambda p: hashlib.sha256(os.path.abspath(p).encode()).hexdigest()[:6]
     return {p: short(p) if taken[short(p)] == 1 else f"{short(p)}_{hashed(p)}" for p in paths}
@@ -263,8 +268,7 @@ def main(argv):
     cfg = parse_args(HeadlineConfig, argv)
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
     device = resolve_device(cfg.device)
-    sparse_paths = [os.path.expanduser(p) for p in cfg.sparse.split(",") if p]   # parse_args expands only a leading ~
-    dense_paths = [os.path.expanduser(p) for p in cfg.dense.split(",") if p]
+    sparse_paths, dense_paths = checkpoint_paths(cfg.sparse), checkpoint_paths(cfg.dense)
     if not sparse_paths or not dense_paths:
         raise UserError(f"--sparse={cfg.sparse!r} --dense={cfg.dense!r}: give one or more checkpoints to each, comma-separated")
     names = [t for t in cfg.tasks.split(",") if t] or list(TASKS)
