@@ -21,8 +21,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   the same dense matmuls, so its FLOPs are counted as dense.
 - forward time with no hook against recording one site; the time to prune one task (if given a
   checkpoint that solves it).
-- where the preset compiles (the GPU preset on a GPU): dense and sparse eager too, for what
-  torch.compile buys.
+- where the preset compiles (the GPU preset on a GPU; --cpu_compile=True): dense and sparse eager
+  too, for what torch.compile buys, and sparse with AbsTopK by bisection (abstopk_by), which it fuses.
 """
 
 import dataclasses
@@ -212,8 +212,9 @@ def bench_shape(shape, bc, device, peaks):
     dense = variant(shape, device, batch, bc.cpu_compile, l0_frac=1.0, afrac=1.0)
     no_abstopk = variant(shape, device, batch, bc.cpu_compile, afrac=1.0)
     variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
-    if sparse.compile:                # the GPU preset compiles: what that buys, against eager
+    if sparse.compile:                # the GPU preset compiles: what that buys against eager, and AbsTopK fused
         variants += [(name + "_eager", dataclasses.replace(cfg, compile=False)) for name, cfg in variants[:2]]
+        variants.append(("sparse_bisection", dataclasses.replace(sparse, abstopk_by="bisection")))
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
     for name, cfg in variants:
@@ -243,7 +244,8 @@ def bench_shape(shape, bc, device, peaks):
             "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
             "compile_speedup": {v: runs[v + "_eager"]["ms_per_step"] / runs[v]["ms_per_step"]
                                 for v in ("dense", "sparse") if v + "_eager" in runs},
-            "allocator_speedup": (runs["sparse_glibc_malloc"]["ms_per_step"] / s) if "sparse_glibc_malloc" in runs else None}
+            "allocator_speedup": (runs["sparse_glibc_malloc"]["ms_per_step"] / s) if "sparse_glibc_malloc" in runs else None,
+            "bisection_over_topk_step": (runs["sparse_bisection"]["ms_per_step"] / s) if "sparse_bisection" in runs else None}
 
 
 def main(argv):
@@ -265,7 +267,8 @@ def main(argv):
               f"{r['runs']['sparse']['mfu']:.1%} dense {r['runs']['dense']['mfu']:.1%} | forward "
               f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms"
               + "".join(f" | compiled {v} {x:.2f}x eager" for v, x in r["compile_speedup"].items())
-              + (f" | sparse {r['allocator_speedup']:.2f}x faster keeping freed memory" if r["allocator_speedup"] else ""))
+              + (f" | sparse {r['allocator_speedup']:.2f}x faster keeping freed memory" if r["allocator_speedup"] else "")
+              + (f" | AbsTopK by bisection: {r['bisection_over_topk_step']:.2f}x the step" if r["bisection_over_topk_step"] else ""))
     if bc.prune_ckpt:
         result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")

@@ -48,6 +48,7 @@ class GPTConfig:
     bigram: bool = True         # dense vocab x vocab bigram logit table
     sparse_biases: bool = True  # biases are top-k projected too (the paper says so; our choice)
     min_per_channel: int = 4    # j: no output channel keeps fewer nonzero weights than this
+    abstopk_by: str = "topk"    # topk | bisection: the same AbsTopK, two ways to select (see abstopk_by_bisection)
 
     def __post_init__(self):
         self.sparse_sites = tuple(self.sparse_sites)
@@ -62,6 +63,8 @@ class GPTConfig:
                              f"need afrac >= {1 / min(widths):g}")
         if self.d_model % self.d_head:
             raise ValueError(f"d_model={self.d_model} is not a multiple of d_head={self.d_head}")
+        if self.abstopk_by not in ABSTOPK_BY:
+            raise ValueError(f"abstopk_by={self.abstopk_by!r} is unknown; allowed: {', '.join(ABSTOPK_BY)}")
         unknown = set(self.sparse_sites) - set(ALL_SPARSE_SITES)
         if unknown:
             raise ValueError(f"unknown sparse_sites {sorted(unknown)}; allowed: {', '.join(ALL_SPARSE_SITES)}")
@@ -100,6 +103,23 @@ def abstopk(x, k):
     return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))   # exactly k kept, even with ties
 
 
+def abstopk_by_bisection(x, k):
+    """The same AbsTopK without topk, for torch.compile: it fuses these counting passes into one
+    kernel, while topk it can only hand to ATen. The k-th largest |x| of each row is found one bit at
+    a time (a radix select: for floats >= 0 the int32 bit pattern orders as the value); the entries
+    above it are kept, and of those equal to it the first by index, so exactly k."""
+    bits = x.detach().abs().float().view(torch.int32)
+    kth = torch.zeros_like(bits[..., :1])
+    for bit in range(30, -1, -1):     # the largest kth with count(bits >= kth) >= k
+        candidate = kth | (1 << bit)
+        kth = torch.where((bits >= candidate).sum(-1, keepdim=True) >= k, candidate, kth)
+    above, tied = bits > kth, bits == kth
+    return x * (above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True))))
+
+
+ABSTOPK_BY = {"topk": abstopk, "bisection": abstopk_by_bisection}
+
+
 class Site(nn.Module):
     """One named activation: AbsTopK if its kind is sparse, then an optional hook fn(x, name).
     Pruning masks, mean ablation, recording and bridges all attach here."""
@@ -109,11 +129,12 @@ class Site(nn.Module):
         self.kind = kind            # the authors' kind, e.g. "attn_q"
         self.name = kind            # full name, e.g. "0.attn.q", set by GPT.__init__
         self.k = int(config.afrac * dim) if (kind in config.sparse_sites and config.afrac < 1) else 0
+        self.abstopk = ABSTOPK_BY[config.abstopk_by]
         self.hook = None
 
     def forward(self, x):
         if self.k:
-            x = abstopk(x, self.k)
+            x = self.abstopk(x, self.k)
         if self.hook is not None:
             x = self.hook(x, self.name)
         return x

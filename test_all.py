@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -32,7 +33,8 @@ import tasks
 import train
 from config import UserError, parse_args
 from tasks import Prompt, make_prompts
-from sparse_gpt import GPT, GPTConfig, RMSNorm, abstopk, sink_attention, target_nonzeros, topk_weight_mask
+from sparse_gpt import (GPT, GPTConfig, RMSNorm, abstopk, abstopk_by_bisection, sink_attention, target_nonzeros,
+                        topk_weight_mask)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,7 +52,8 @@ def tiny_train_config(out_dir, **kw):
 # model pieces
 
 
-def test_abstopk_keeps_exactly_k_largest_and_grads_only_through_them():
+@pytest.mark.parametrize("abstopk", [abstopk, abstopk_by_bisection])
+def test_abstopk_keeps_exactly_k_largest_and_grads_only_through_them(abstopk):
     torch.manual_seed(0)
     x = torch.randn(5, 7, 40, requires_grad=True)
     y = abstopk(x, 10)
@@ -63,6 +66,45 @@ def test_abstopk_keeps_exactly_k_largest_and_grads_only_through_them():
     (y * torch.randn_like(y)).sum().backward()
     assert ((x.grad != 0) == kept).all()
     assert ((abstopk(torch.ones(3, 8), 3) != 0).sum(-1) == 3).all()   # ties: still exactly k
+
+
+def test_abstopk_by_bisection_keeps_what_topk_keeps_and_ties_by_lowest_index():
+    torch.manual_seed(0)
+    x = torch.randn(64, 96) * torch.logspace(-30, 30, 64)[:, None]   # tiny to huge magnitudes, both signs
+    torch.testing.assert_close(abstopk_by_bisection(x, 24), abstopk(x, 24), rtol=0, atol=0)
+    x = torch.tensor([[0.0, 3, -1, 3, 0, -3, 2, 0], [0, 0, -2, 0, 0, 0, 0, 0]])
+    kept = abstopk_by_bisection(x.requires_grad_(), 2)         # ties at the k-th |x|: the first ones
+    assert kept.tolist() == [[0, 3, 0, 3, 0, 0, 0, 0], [0, 0, -2, 0, 0, 0, 0, 0]]
+    kept.sum().backward()                                      # row 2 keeps its first 0 too: its gradient flows
+    assert x.grad.tolist() == [[0, 1, 0, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0, 0, 0]]
+    up = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))   # one ulp above 1: the lowest bit decides
+    assert abstopk_by_bisection(torch.stack([up, up, torch.tensor(1.0)])[None], 1).tolist() == [[up.item(), 0, 0]]
+    half = torch.randn(32, 64).bfloat16()                      # bf16: many exact ties, still exactly k
+    assert ((abstopk_by_bisection(half, 16) != 0).sum(-1) == 16).all()
+    assert torch.equal(abstopk_by_bisection(half, 16) != 0, abstopk_by_bisection(half.float(), 16) != 0)
+
+
+def test_a_model_with_abstopk_by_bisection_computes_what_the_topk_one_does():
+    torch.manual_seed(0)
+    a, b = GPT(tiny_config()), GPT(tiny_config(abstopk_by="bisection"))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(a.config.vocab_size, (2, 16))
+    (la, loss_a), (lb, loss_b) = a(idx, idx), b(idx, idx)
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+    loss_a.backward(), loss_b.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="abstopk_by='sort' is unknown; allowed: topk, bisection"):
+        GPTConfig(abstopk_by="sort")
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_abstopk_by_bisection_equals_eager():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32)
+    x[0, 0, :20] = 0                                           # a row with fewer than k nonzeros
+    compiled = torch.compile(abstopk_by_bisection, dynamic=False)
+    assert torch.equal(compiled(x, 8), abstopk_by_bisection(x, 8))
 
 
 def test_rmsnorm_matches_formula():
@@ -227,7 +269,8 @@ def test_config_parsing_and_bad_values(capsys):
     for bad, words in [("--d_modle=64", "did you mean --d_model"), ("--d_model=big", "not a valid int"),
                        ("--l0_frac=0", "l0_frac=0.0 is outside"), ("--l0_frac=1.5", "l0_frac=1.5 is outside"),
                        ("--afrac=0", "afrac=0.0 is outside"), ("--sparse_sites=attn_x", "unknown sparse_sites"),
-                       ("--d_model=40", "not a multiple of d_head"), ("--preset=tpu", "preset=tpu is unknown")]:
+                       ("--d_model=40", "not a multiple of d_head"), ("--preset=tpu", "preset=tpu is unknown"),
+                       ("--abstopk_by=sort", "abstopk_by='sort' is unknown; allowed: topk, bisection")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args([bad, "--out_dir=out/never"])
 
@@ -369,6 +412,8 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
     full = train.train(tiny_train_config(tmp_path / "full"))
     first = train.train(tiny_train_config(tmp_path / "cut", stop_iter=3))
     cfg = train.config_from_args([f"--out_dir={tmp_path / 'cut'}", "--resume=True"])
+    switched = train.config_from_args([f"--out_dir={tmp_path / 'cut'}", "--resume=True", "--abstopk_by=bisection"])
+    assert switched.model_config().abstopk_by == "bisection"    # how AbsTopK selects may change on resume
     second = train.train(cfg)
     assert [s for s, _ in first + second] == list(range(6))
     assert first + second == full                       # exact float equality, step by step

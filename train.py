@@ -61,6 +61,7 @@ class TrainConfig:
     bigram: bool = True
     sparse_biases: bool = True
     min_per_channel: int = 4
+    abstopk_by: str = "topk"       # topk | bisection (the same result; bisection is for torch.compile)
     # weight sparsity and its anneal
     l0_frac: float = 0.125         # target fraction of nonzero weights; 1 = dense
     anneal_start: float = 0.01     # dense until this fraction of training ...
@@ -121,7 +122,8 @@ PRESETS = {
                 batch_size=64, n_layer=8, d_model=512, l0_frac=1 / 32, learning_rate=3e-3,
                 dtype="bfloat16", compile=True),
 }
-MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"] + ["block_size"]
+# what --resume may not change; abstopk_by may (it changes how AbsTopK selects, not what)
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "abstopk_by")] + ["block_size"]
 
 # -----------------------------------------------------------------------------
 # schedules (METHOD.md section 2)
