@@ -92,7 +92,7 @@ def measure_training(cfg, steps, warmup, keep_memory=True):
     if keep_memory:
         keep_freed_memory()
     torch.manual_seed(0)
-    model = raw = GPT(cfg.model_config()).to(cfg.device)
+    model = raw = GPT(cfg.model_config(), cfg.abstopk_by).to(cfg.device)
     optimizer = make_optimizer(raw, cfg)
     if cfg.compile:
         model = torch.compile(model)

@@ -9,7 +9,7 @@ the dense model through them.
     python bridge.py --help                                        # every setting (train.py's too)
 
 Of train.py's settings, bridge.py refuses the ones it has no use for (TRAIN_ONLY_KEYS: no presets,
-no compile, one micro-batch a step, no samples or task evaluation while training).
+no compile, so AbsTopK by topk, one micro-batch a step, no samples or task evaluation while training).
 
 Sites: the residual stream after the embedding and after every attention and MLP sublayer
 (sparse_gpt's `{i}.resid_pre`, `{i}.resid_mid`, `final_resid`). At site i an encoder
@@ -43,7 +43,7 @@ from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, estimate_lo
                    optimizer_step, resumed_config, save_checkpoint)
 
 
-TRAIN_ONLY_KEYS = ("preset", "compile", "gradient_accumulation_steps", "sample_tokens", "eval_task")
+TRAIN_ONLY_KEYS = ("preset", "compile", "abstopk_by", "gradient_accumulation_steps", "sample_tokens", "eval_task")
 
 
 @dataclass

@@ -48,7 +48,6 @@ class GPTConfig:
     bigram: bool = True         # dense vocab x vocab bigram logit table
     sparse_biases: bool = True  # biases are top-k projected too (the paper says so; our choice)
     min_per_channel: int = 4    # j: no output channel keeps fewer nonzero weights than this
-    abstopk_by: str = "topk"    # topk | bisection: the same AbsTopK, two ways to select (see abstopk_by_bisection)
 
     def __post_init__(self):
         self.sparse_sites = tuple(self.sparse_sites)
@@ -63,8 +62,6 @@ class GPTConfig:
                              f"need afrac >= {1 / min(widths):g}")
         if self.d_model % self.d_head:
             raise ValueError(f"d_model={self.d_model} is not a multiple of d_head={self.d_head}")
-        if self.abstopk_by not in ABSTOPK_BY:
-            raise ValueError(f"abstopk_by={self.abstopk_by!r} is unknown; allowed: {', '.join(ABSTOPK_BY)}")
         unknown = set(self.sparse_sites) - set(ALL_SPARSE_SITES)
         if unknown:
             raise ValueError(f"unknown sparse_sites {sorted(unknown)}; allowed: {', '.join(ALL_SPARSE_SITES)}")
@@ -131,7 +128,7 @@ class Site(nn.Module):
         self.kind = kind            # the authors' kind, e.g. "attn_q"
         self.name = kind            # full name, e.g. "0.attn.q", set by GPT.__init__
         self.k = int(config.afrac * dim) if (kind in config.sparse_sites and config.afrac < 1) else 0
-        self.abstopk = ABSTOPK_BY[config.abstopk_by]
+        self.abstopk = abstopk      # or abstopk_by_bisection: see GPT(abstopk_by=...)
         self.hook = None
 
     def forward(self, x):
@@ -232,7 +229,9 @@ SITE_SUFFIX = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k",
 
 class GPT(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, abstopk_by="topk"):
+        """abstopk_by: how AbsTopK selects, "topk" or "bisection" (for torch.compile); the same result,
+        so it is not part of the config that checkpoints save."""
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
@@ -250,6 +249,8 @@ class GPT(nn.Module):
                     self.sites[site.name] = site
         self.site_final.name = "final_resid"
         self.sites["final_resid"] = self.site_final
+        for site in self.sites.values():
+            site.abstopk = ABSTOPK_BY[abstopk_by]
         # init per the authors' code: N(0, 0.02), output projections scaled by 1/sqrt(2 n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):

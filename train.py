@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import tasks
 from config import UserError, parse_args, resolve_device, run_main, write_atomic
-from sparse_gpt import ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
+from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
 
 @dataclass
@@ -61,7 +61,7 @@ class TrainConfig:
     bigram: bool = True
     sparse_biases: bool = True
     min_per_channel: int = 4
-    abstopk_by: str = "topk"       # topk | bisection (the same result; bisection is for torch.compile)
+    abstopk_by: str = "topk"       # topk | bisection: how AbsTopK selects, the same result (sparse_gpt.GPT)
     # weight sparsity and its anneal
     l0_frac: float = 0.125         # target fraction of nonzero weights; 1 = dense
     anneal_start: float = 0.01     # dense until this fraction of training ...
@@ -91,6 +91,8 @@ class TrainConfig:
         if not 0.0 <= self.anneal_start <= self.anneal_end <= 1.0:
             raise UserError(f"anneal_start={self.anneal_start}, anneal_end={self.anneal_end}: "
                             "need 0 <= anneal_start <= anneal_end <= 1")
+        if self.abstopk_by not in ABSTOPK_BY:
+            raise UserError(f"--abstopk_by={self.abstopk_by} is unknown; allowed: {', '.join(ABSTOPK_BY)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
         for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
@@ -122,8 +124,7 @@ PRESETS = {
                 batch_size=64, n_layer=8, d_model=512, l0_frac=1 / 32, learning_rate=3e-3,
                 dtype="bfloat16", compile=True),
 }
-# what --resume may not change; abstopk_by may (it changes how AbsTopK selects, not what)
-MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "abstopk_by")] + ["block_size"]
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"] + ["block_size"]
 
 # -----------------------------------------------------------------------------
 # schedules (METHOD.md section 2)
@@ -311,7 +312,7 @@ def train(cfg):
     task_prompts = [p for p in tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test")
                     if len(p.ids) <= cfg.block_size] if cfg.eval_task else []   # a short context sees fewer
 
-    model = GPT(cfg.model_config()).to(cfg.device)
+    model = GPT(cfg.model_config(), cfg.abstopk_by).to(cfg.device)
     optimizer = make_optimizer(model, cfg)
     use_scaler = cfg.dtype == "float16" and cfg.device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
