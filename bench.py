@@ -22,7 +22,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
 - forward time with no hook against recording one site; the time to prune one task (if given a
   checkpoint that solves it).
 - where the preset compiles (the GPU preset on a GPU; --cpu_compile=True): dense and sparse eager
-  too, for what torch.compile buys, and sparse with AbsTopK by bisection (abstopk_by), which it fuses.
+  too, for what torch.compile buys, and sparse with AbsTopK by radix select (abstopk_by=radix), which
+  it fuses.
 """
 
 import dataclasses
@@ -38,7 +39,7 @@ import torch
 from config import UserError, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
 from sparse_gpt import GPT, load_checkpoint, target_nonzeros
 from tasks import get_task
-from train import PRESETS, TrainConfig, autocast_for, l0_at, make_optimizer, optimizer_step
+from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_optimizer, optimizer_step
 
 
 @dataclass
@@ -92,7 +93,7 @@ def measure_training(cfg, steps, warmup, keep_memory=True):
     if keep_memory:
         keep_freed_memory()
     torch.manual_seed(0)
-    model = raw = GPT(cfg.model_config(), cfg.abstopk_by).to(cfg.device)
+    model = raw = make_model(cfg)
     optimizer = make_optimizer(raw, cfg)
     if cfg.compile:
         model = torch.compile(model)
@@ -214,7 +215,7 @@ def bench_shape(shape, bc, device, peaks):
     variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
     if sparse.compile:                # the GPU preset compiles: what that buys against eager, and AbsTopK fused
         variants += [(name + "_eager", dataclasses.replace(cfg, compile=False)) for name, cfg in variants[:2]]
-        variants.append(("sparse_bisection", dataclasses.replace(sparse, abstopk_by="bisection")))
+        variants.append(("sparse_radix", dataclasses.replace(sparse, abstopk_by="radix")))
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
     for name, cfg in variants:
@@ -245,7 +246,7 @@ def bench_shape(shape, bc, device, peaks):
             "compile_speedup": {v: runs[v + "_eager"]["ms_per_step"] / runs[v]["ms_per_step"]
                                 for v in ("dense", "sparse") if v + "_eager" in runs},
             "allocator_speedup": (runs["sparse_glibc_malloc"]["ms_per_step"] / s) if "sparse_glibc_malloc" in runs else None,
-            "bisection_over_topk_step": (runs["sparse_bisection"]["ms_per_step"] / s) if "sparse_bisection" in runs else None}
+            "radix_over_topk_step": (runs["sparse_radix"]["ms_per_step"] / s) if "sparse_radix" in runs else None}
 
 
 def main(argv):
@@ -268,7 +269,8 @@ def main(argv):
               f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms"
               + "".join(f" | compiled {v} {x:.2f}x eager" for v, x in r["compile_speedup"].items())
               + (f" | sparse {r['allocator_speedup']:.2f}x faster keeping freed memory" if r["allocator_speedup"] else "")
-              + (f" | AbsTopK by bisection: {r['bisection_over_topk_step']:.2f}x the step" if r["bisection_over_topk_step"] else ""))
+              + (f" | sparse step with AbsTopK by radix select: {r['radix_over_topk_step']:.2f}x the topk one"
+                 if r["radix_over_topk_step"] else ""))
     if bc.prune_ckpt:
         result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")

@@ -100,23 +100,34 @@ def abstopk(x, k):
     return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))   # exactly k kept, even with ties
 
 
-# compiled once and reused at every site: inlined at the gpu preset's 64, compiling took 410 s, not 84
-@torch.compiler.nested_compile_region
-def abstopk_by_bisection(x, k):
-    """The same AbsTopK without topk, for torch.compile: it fuses these counting passes into one
-    kernel, while topk it can only hand to ATen. The k-th largest |x| of each row is found one bit at
-    a time (a radix select: for floats >= 0 the int32 bit pattern orders as the value); the entries
-    above it are kept, and of those equal to it the first by index, so exactly k."""
-    bits = x.detach().abs().float().view(torch.int32)
+def abstopk_radix(x, k):
+    """The same AbsTopK without topk, for torch.compile, which fuses these counting passes into one
+    kernel (topk it can only hand to ATen). The k-th largest |x| of each row is found one bit at a
+    time, a radix select: for floats >= 0 the bit pattern, read as an integer of the same width,
+    orders as the value. Kept: the entries above it, and of those equal to it the first by index,
+    so exactly k; ties go to the lowest index, where topk's choice is its kernel's."""
+    bits = x.detach().abs().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
     kth = torch.zeros_like(bits[..., :1])
-    for bit in range(30, -1, -1):     # the largest kth with count(bits >= kth) >= k
-        candidate = kth | (1 << bit)
+    for bit in range(8 * x.element_size() - 2, -1, -1):   # below the sign bit: the largest kth with
+        candidate = kth | (1 << bit)                        # count(bits >= kth) >= k
         kth = torch.where((bits >= candidate).sum(-1, keepdim=True) >= k, candidate, kth)
     above, tied = bits > kth, bits == kth
-    return x * (above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True))))
+    keep = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    return torch.where(keep, x, 0)    # not x * keep: a dropped inf would give nan
 
 
-ABSTOPK_BY = {"topk": abstopk, "bisection": abstopk_by_bisection}
+# a nested compile region: compiled once per input shape and reused at every site of that shape, the
+# gpu preset's model compiles in 68 s on a CPU; inlined at its 64 sites, the passes took 410 s
+abstopk_radix_region = torch.compiler.nested_compile_region(abstopk_radix)
+
+
+def abstopk_radix_when_compiled(x, k):
+    """AbsTopK by radix select where torch.compile traces the model, by topk in eager calls
+    (evaluation, sampling, pruning), where topk is the faster."""
+    return abstopk_radix_region(x, k) if torch.compiler.is_compiling() else abstopk(x, k)
+
+
+ABSTOPK_BY = {"topk": abstopk, "radix": abstopk_radix_when_compiled}
 
 
 class Site(nn.Module):
@@ -128,7 +139,7 @@ class Site(nn.Module):
         self.kind = kind            # the authors' kind, e.g. "attn_q"
         self.name = kind            # full name, e.g. "0.attn.q", set by GPT.__init__
         self.k = int(config.afrac * dim) if (kind in config.sparse_sites and config.afrac < 1) else 0
-        self.abstopk = abstopk      # or abstopk_by_bisection: see GPT(abstopk_by=...)
+        self.abstopk = abstopk      # or abstopk_radix_when_compiled: see GPT(abstopk_by=...)
         self.hook = None
 
     def forward(self, x):
@@ -230,8 +241,9 @@ SITE_SUFFIX = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k",
 class GPT(nn.Module):
 
     def __init__(self, config, abstopk_by="topk"):
-        """abstopk_by: how AbsTopK selects, "topk" or "bisection" (for torch.compile); the same result,
-        so it is not part of the config that checkpoints save."""
+        """abstopk_by: how AbsTopK selects, "topk", or "radix" under torch.compile. The same values
+        kept; only which of several tied entries pass a gradient can differ, so it is a training
+        setting, not part of the config a checkpoint saves for its model."""
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)

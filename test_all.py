@@ -33,8 +33,8 @@ import tasks
 import train
 from config import UserError, parse_args
 from tasks import Prompt, make_prompts
-from sparse_gpt import (GPT, GPTConfig, RMSNorm, abstopk, abstopk_by_bisection, sink_attention, target_nonzeros,
-                        topk_weight_mask)
+from sparse_gpt import (GPT, GPTConfig, RMSNorm, abstopk, abstopk_radix, abstopk_radix_when_compiled,
+                        sink_attention, target_nonzeros, topk_weight_mask)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,7 +52,7 @@ def tiny_train_config(out_dir, **kw):
 # model pieces
 
 
-@pytest.mark.parametrize("abstopk", [abstopk, abstopk_by_bisection])
+@pytest.mark.parametrize("abstopk", [abstopk, abstopk_radix])
 def test_abstopk_keeps_exactly_k_largest_and_grads_only_through_them(abstopk):
     torch.manual_seed(0)
     x = torch.randn(5, 7, 40, requires_grad=True)
@@ -68,41 +68,55 @@ def test_abstopk_keeps_exactly_k_largest_and_grads_only_through_them(abstopk):
     assert ((abstopk(torch.ones(3, 8), 3) != 0).sum(-1) == 3).all()   # ties: still exactly k
 
 
-def test_abstopk_by_bisection_keeps_what_topk_keeps_and_ties_by_lowest_index():
+def lowest_index_abstopk(x, k):
+    """Reference for abstopk_radix: a stable full sort, so ties at the k-th |x| go to the lowest index."""
+    idx = (-x.abs().double()).argsort(dim=-1, stable=True)[..., :k]
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+def test_abstopk_radix_keeps_what_topk_keeps_and_ties_by_lowest_index():
     torch.manual_seed(0)
     x = torch.randn(64, 96) * torch.logspace(-30, 30, 64)[:, None]   # tiny to huge magnitudes, both signs
-    torch.testing.assert_close(abstopk_by_bisection(x, 24), abstopk(x, 24), rtol=0, atol=0)
+    torch.testing.assert_close(abstopk_radix(x, 24), abstopk(x, 24), rtol=0, atol=0)
     x = torch.tensor([[0.0, 3, -1, 3, 0, -3, 2, 0], [0, 0, -2, 0, 0, 0, 0, 0]])
-    kept = abstopk_by_bisection(x.requires_grad_(), 2)         # ties at the k-th |x|: the first ones
+    kept = abstopk_radix(x.requires_grad_(), 2)                 # ties at the k-th |x|: the first ones
     assert kept.tolist() == [[0, 3, 0, 3, 0, 0, 0, 0], [0, 0, -2, 0, 0, 0, 0, 0]]
     kept.sum().backward()                                      # row 2 keeps its first 0 too: its gradient flows
     assert x.grad.tolist() == [[0, 1, 0, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0, 0, 0]]
     up = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))   # one ulp above 1: the lowest bit decides
-    assert abstopk_by_bisection(torch.stack([up, up, torch.tensor(1.0)])[None], 1).tolist() == [[up.item(), 0, 0]]
-    half = torch.randn(32, 64).bfloat16()                      # bf16: many exact ties, still exactly k
-    assert ((abstopk_by_bisection(half, 16) != 0).sum(-1) == 16).all()
-    assert torch.equal(abstopk_by_bisection(half, 16) != 0, abstopk_by_bisection(half.float(), 16) != 0)
+    assert abstopk_radix(torch.stack([up, up, torch.tensor(1.0)])[None], 1).tolist() == [[up.item(), 0, 0]]
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # every float width, each its own bits
+        y = torch.randn(32, 64).to(dtype)                       # bf16 and fp16: many exact ties
+        assert torch.equal(abstopk_radix(y, 16), lowest_index_abstopk(y, 16)), dtype
+    assert abstopk_radix(torch.tensor([[1.0, 1 + 1e-12, 0.5]], dtype=torch.float64), 1)[0, 1] == 1 + 1e-12
+    assert abstopk_radix(torch.tensor([[1.0, math.inf, math.inf, -2]]), 1).tolist() == [[0, math.inf, 0, 0]]
 
 
-def test_a_model_with_abstopk_by_bisection_computes_what_the_topk_one_does():
-    torch.manual_seed(0)
-    a, b = GPT(tiny_config()), GPT(tiny_config(), abstopk_by="bisection")
-    b.load_state_dict(a.state_dict())
-    idx = torch.randint(a.config.vocab_size, (2, 16))
-    (la, loss_a), (lb, loss_b) = a(idx, idx), b(idx, idx)
-    torch.testing.assert_close(lb, la, rtol=0, atol=0)
-    loss_a.backward(), loss_b.backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=0, msg=name)
+def test_a_model_with_abstopk_by_radix_runs_topk_eager_and_radix_compiled(tmp_path):
+    model = train.make_model(tiny_train_config(tmp_path, abstopk_by="radix", compile=True, device="cpu"))
+    assert all(site.abstopk is abstopk_radix_when_compiled for site in model.sites.values())
+    topk_model = train.make_model(tiny_train_config(tmp_path, device="cpu"))
+    topk_model.load_state_dict(model.state_dict())
+    idx = torch.randint(model.config.vocab_size, (2, 16))
+    torch.testing.assert_close(model(idx, idx)[1], topk_model(idx, idx)[1], rtol=0, atol=0)   # eager: topk
+    with pytest.raises(UserError, match="abstopk_by=radix is how compiled code selects; it needs --compile=True"):
+        tiny_train_config(tmp_path, abstopk_by="radix")
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on a CPU needs a C++ compiler")
-def test_compiled_abstopk_by_bisection_equals_eager():
+def test_compiled_abstopk_by_radix_selects_by_radix_and_ties_by_lowest_index():
     torch.manual_seed(0)
     x = torch.randn(4, 8, 32)
-    x[0, 0, :20] = 0                                           # a row with fewer than k nonzeros
-    compiled = torch.compile(abstopk_by_bisection, dynamic=False)
-    assert torch.equal(compiled(x, 8), abstopk_by_bisection(x, 8))
+    x[0, 0, 4:] = 0                                            # a row with fewer than k nonzeros: ties at 0
+    x[1, 2, 8:] = x[1, 2, 7]                                   # and one with ties at a nonzero k-th value
+    x.requires_grad_()
+    y = torch.compile(abstopk_radix_when_compiled, dynamic=False)(x, 8)
+    y.backward(torch.ones_like(y))
+    x_ref = x.detach().clone().requires_grad_()
+    ref = lowest_index_abstopk(x_ref, 8)
+    ref.backward(torch.ones_like(ref))
+    assert torch.equal(y, ref)
+    assert torch.equal(x.grad, x_ref.grad) and x.grad.sum() == 4 * 8 * 8   # the kept zeros pass a gradient too
 
 
 def test_rmsnorm_matches_formula():
@@ -268,7 +282,7 @@ def test_config_parsing_and_bad_values(capsys):
                        ("--l0_frac=0", "l0_frac=0.0 is outside"), ("--l0_frac=1.5", "l0_frac=1.5 is outside"),
                        ("--afrac=0", "afrac=0.0 is outside"), ("--sparse_sites=attn_x", "unknown sparse_sites"),
                        ("--d_model=40", "not a multiple of d_head"), ("--preset=tpu", "preset=tpu is unknown"),
-                       ("--abstopk_by=sort", "abstopk_by=sort is unknown; allowed: topk, bisection")]:
+                       ("--abstopk_by=sort", "abstopk_by=sort is unknown; allowed: topk, radix")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args([bad, "--out_dir=out/never"])
 
@@ -410,8 +424,9 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
     full = train.train(tiny_train_config(tmp_path / "full"))
     first = train.train(tiny_train_config(tmp_path / "cut", stop_iter=3))
     cfg = train.config_from_args([f"--out_dir={tmp_path / 'cut'}", "--resume=True"])
-    switched = train.config_from_args([f"--out_dir={tmp_path / 'cut'}", "--resume=True", "--abstopk_by=bisection"])
-    assert switched.abstopk_by == "bisection"                  # how AbsTopK selects may change on resume
+    switched = train.config_from_args([f"--out_dir={tmp_path / 'cut'}", "--resume=True", "--abstopk_by=radix",
+                                       "--compile=True"])
+    assert switched.abstopk_by == "radix"                      # how AbsTopK selects may change on resume
     second = train.train(cfg)
     assert [s for s, _ in first + second] == list(range(6))
     assert first + second == full                       # exact float equality, step by step
@@ -1248,7 +1263,7 @@ def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
                        ("--compile=True", "compile=True is a train.py setting that bridge.py does not use"),
                        ("--eval_task=with_as", "eval_task=with_as is a train.py setting"),
                        ("--preset=bogus", "preset=bogus is a train.py setting"),
-                       ("--abstopk_by=bisection", "abstopk_by=bisection is a train.py setting")):
+                       ("--abstopk_by=radix", "abstopk_by=radix is a train.py setting")):
         with pytest.raises(UserError, match=words):
             bridge.config_from_args([bad, "--d_model=32", f"--out_dir={tmp_path / 'w'}"])
 

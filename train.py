@@ -61,7 +61,7 @@ class TrainConfig:
     bigram: bool = True
     sparse_biases: bool = True
     min_per_channel: int = 4
-    abstopk_by: str = "topk"       # topk | bisection: how AbsTopK selects, the same result (sparse_gpt.GPT)
+    abstopk_by: str = "topk"       # topk | radix (with compile: fused; the same values kept, sparse_gpt.GPT)
     # weight sparsity and its anneal
     l0_frac: float = 0.125         # target fraction of nonzero weights; 1 = dense
     anneal_start: float = 0.01     # dense until this fraction of training ...
@@ -93,6 +93,8 @@ class TrainConfig:
                             "need 0 <= anneal_start <= anneal_end <= 1")
         if self.abstopk_by not in ABSTOPK_BY:
             raise UserError(f"--abstopk_by={self.abstopk_by} is unknown; allowed: {', '.join(ABSTOPK_BY)}")
+        if self.abstopk_by == "radix" and not self.compile:
+            raise UserError("--abstopk_by=radix is how compiled code selects; it needs --compile=True")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
         for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
@@ -150,7 +152,11 @@ def lr_at(step, cfg):
     return cfg.learning_rate * decay * math.sqrt(cfg.l0_frac / l0_at(step, cfg))
 
 # -----------------------------------------------------------------------------
-# optimizer and the step
+# model, optimizer and the step
+
+def make_model(cfg):
+    return GPT(cfg.model_config(), cfg.abstopk_by).to(cfg.device)
+
 
 def make_optimizer(model, cfg):
     """Adam with decoupled weight decay on matrices only (not the bigram table, biases, gains, sinks)."""
@@ -312,7 +318,7 @@ def train(cfg):
     task_prompts = [p for p in tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test")
                     if len(p.ids) <= cfg.block_size] if cfg.eval_task else []   # a short context sees fewer
 
-    model = GPT(cfg.model_config(), cfg.abstopk_by).to(cfg.device)
+    model = make_model(cfg)
     optimizer = make_optimizer(model, cfg)
     use_scaler = cfg.dtype == "float16" and cfg.device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
