@@ -108,16 +108,18 @@ def abstopk_radix(x, k):
     so exactly k; ties go to the lowest index, where topk's choice is its kernel's."""
     bits = x.detach().abs().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
     kth = torch.zeros_like(bits[..., :1])
-    for bit in range(8 * x.element_size() - 2, -1, -1):   # below the sign bit: the largest kth with
-        candidate = kth | (1 << bit)                        # count(bits >= kth) >= k
+    # from the bit below the sign bit down: the largest kth with count(bits >= kth) >= k
+    for bit in range(8 * x.element_size() - 2, -1, -1):
+        candidate = kth | (1 << bit)
         kth = torch.where((bits >= candidate).sum(-1, keepdim=True) >= k, candidate, kth)
     above, tied = bits > kth, bits == kth
     keep = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
     return torch.where(keep, x, 0)    # not x * keep: a dropped inf would give nan
 
 
-# a nested compile region: compiled once per input shape and reused at every site of that shape, the
-# gpu preset's model compiles in 68 s on a CPU; inlined at its 64 sites, the passes took 410 s
+# a nested compile region: compiled once per kind of input (shape, strides, dtype, k) and reused at
+# every site of that kind (torch allows 8 kinds; a preset has 2-4), the gpu preset's model compiles in
+# 68 s on a CPU; inlined at its 64 sites, the passes took 410 s
 abstopk_radix_region = torch.compiler.nested_compile_region(abstopk_radix)
 
 
@@ -241,9 +243,10 @@ SITE_SUFFIX = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k",
 class GPT(nn.Module):
 
     def __init__(self, config, abstopk_by="topk"):
-        """abstopk_by: how AbsTopK selects, "topk", or "radix" under torch.compile. The same values
-        kept; only which of several tied entries pass a gradient can differ, so it is a training
-        setting, not part of the config a checkpoint saves for its model."""
+        """abstopk_by: how AbsTopK selects, "topk", or "radix" under torch.compile. Both keep exactly k;
+        they differ only in which of several entries tied at the k-th |x| they keep (tied zeros: only
+        the gradient differs; in bf16/fp16 nonzero ties are common, and the output differs slightly).
+        So it is a training setting, not part of the config a checkpoint saves for its model."""
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)

@@ -98,15 +98,20 @@ def test_a_model_with_abstopk_by_radix_runs_topk_eager_and_radix_compiled(tmp_pa
     topk_model = train.make_model(tiny_train_config(tmp_path, device="cpu"))
     topk_model.load_state_dict(model.state_dict())
     idx = torch.randint(model.config.vocab_size, (2, 16))
-    torch.testing.assert_close(model(idx, idx)[1], topk_model(idx, idx)[1], rtol=0, atol=0)   # eager: topk
-    with pytest.raises(UserError, match="abstopk_by=radix is how compiled code selects; it needs --compile=True"):
+    torch.testing.assert_close(model(idx, idx)[1], topk_model(idx, idx)[1], rtol=0, atol=0)
+    x = torch.randn(4, 32)
+    x[1, 8:] = x[1, 7]                                         # nonzero ties, where topk and radix keep other entries
+    assert not torch.equal(abstopk(x, 8), lowest_index_abstopk(x, 8))
+    assert torch.equal(abstopk_radix_when_compiled(x, 8), abstopk(x, 8))   # eager: topk
+    with pytest.raises(UserError, match=r"abstopk_by=radix \(given, or saved in a resumed run\) is how compiled code selects; it needs"):
         tiny_train_config(tmp_path, abstopk_by="radix")
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on a CPU needs a C++ compiler")
-def test_compiled_abstopk_by_radix_selects_by_radix_and_ties_by_lowest_index():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # bf16: what a GPU's autocast gives the sites
+def test_compiled_abstopk_by_radix_selects_by_radix_and_ties_by_lowest_index(dtype):
     torch.manual_seed(0)
-    x = torch.randn(4, 8, 32)
+    x = torch.randn(4, 8, 32).to(dtype)
     x[0, 0, 4:] = 0                                            # a row with fewer than k nonzeros: ties at 0
     x[1, 2, 8:] = x[1, 2, 7]                                   # and one with ties at a nonzero k-th value
     x.requires_grad_()

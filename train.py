@@ -61,7 +61,7 @@ class TrainConfig:
     bigram: bool = True
     sparse_biases: bool = True
     min_per_channel: int = 4
-    abstopk_by: str = "topk"       # topk | radix (with compile: fused; the same values kept, sparse_gpt.GPT)
+    abstopk_by: str = "topk"       # topk | radix (with compile: fused; ties kept differ, see sparse_gpt.GPT)
     # weight sparsity and its anneal
     l0_frac: float = 0.125         # target fraction of nonzero weights; 1 = dense
     anneal_start: float = 0.01     # dense until this fraction of training ...
@@ -94,7 +94,8 @@ class TrainConfig:
         if self.abstopk_by not in ABSTOPK_BY:
             raise UserError(f"--abstopk_by={self.abstopk_by} is unknown; allowed: {', '.join(ABSTOPK_BY)}")
         if self.abstopk_by == "radix" and not self.compile:
-            raise UserError("--abstopk_by=radix is how compiled code selects; it needs --compile=True")
+            raise UserError("--abstopk_by=radix (given, or saved in a resumed run) is how compiled code "
+                            "selects; it needs --compile=True, or pass --abstopk_by=topk")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
         for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
