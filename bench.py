@@ -236,6 +236,7 @@ def bench_shape(shape, bc, device, peaks):
     plain_ms, recorded_ms = hook_overhead(sparse, bc.steps)
     topk_ms = topk_alone_ms(sparse, bc.steps)
     s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
+    over_sparse = lambda name: runs[name]["ms_per_step"] / s if name in runs else None   # the optional variants
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
             "matmul_peak_flops": peaks[dtype], "runs": runs,
             "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,
@@ -245,8 +246,7 @@ def bench_shape(shape, bc, device, peaks):
             "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
             "compile_speedup": {v: runs[v + "_eager"]["ms_per_step"] / runs[v]["ms_per_step"]
                                 for v in ("dense", "sparse") if v + "_eager" in runs},
-            "allocator_speedup": (runs["sparse_glibc_malloc"]["ms_per_step"] / s) if "sparse_glibc_malloc" in runs else None,
-            "radix_over_topk_step": (runs["sparse_radix"]["ms_per_step"] / s) if "sparse_radix" in runs else None}
+            "allocator_speedup": over_sparse("sparse_glibc_malloc"), "radix_over_topk_step": over_sparse("sparse_radix")}
 
 
 def main(argv):

@@ -4,7 +4,8 @@ A weight-sparse GPT (Gao et al., "Weight-sparse transformers have interpretable 
 Notable features, each tied to the paper (../shared/METHOD.md section 1):
 - RMSNorm, pre-norm blocks, small heads (d_head 16), untied embedding and unembedding,
   no positional embedding unless `learned_pos=True`.
-- AbsTopK on activations: keep the k = afrac * dim entries of largest |x| at 8 sites per layer.
+- AbsTopK on activations: keep the k = afrac * dim entries of largest |x| at 8 sites per layer
+  (by topk; or, where torch.compile traces the model, by a radix select it can fuse: abstopk_by).
 - An attention sink per head: a learnable logit b_h for an always-visible slot with zero value.
 - A dense bigram logit table: logits += bigram[current token]; never sparsified.
 - Weight sparsity: `project_weights` keeps the top-k |w| of every sparse parameter, with at
