@@ -15,7 +15,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   config.keep_freed_memory). The step is taken at an L0 past the anneal, as for most of a run.
 - the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
   (sparse step minus the same step without AbsTopK; and torch.topk's part of it, timed alone on
-  the sites' shapes), and our projection against a naive reference that sorts every matrix fully.
+  the sites' shapes, on |x|'s bits as abstopk runs it against on |x| itself), and our projection
+  against a naive reference that sorts every matrix fully.
 - MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
   matmul rate measured here in the dtype the shape trains in (fp32 on a CPU). The sparse model runs
   the same dense matmuls, so its FLOPs are counted as dense.
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from config import UserError, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
-from sparse_gpt import GPT, load_checkpoint, target_nonzeros
+from sparse_gpt import GPT, abs_bits, load_checkpoint, target_nonzeros
 from tasks import get_task
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_optimizer, optimizer_step
 
@@ -183,15 +184,19 @@ def hook_overhead(cfg, reps):
 
 def topk_alone_ms(cfg, reps):
     """ms per step in torch.topk alone: AbsTopK's selection at every sparse site of one forward (the
-    backward selects nothing). The floor of an exact AbsTopK built on topk."""
+    backward selects nothing). The floor of an exact AbsTopK built on topk. Timed on abs_bits(x), as
+    abstopk selects, and on |x| itself, the plain way: (ours, plain)."""
     c, rows = cfg.model_config(), cfg.batch_size * cfg.block_size
     dtype = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32   # what the sites see
-    total, widths = 0.0, c.abstopk_widths()
+    ours = plain = 0.0
+    widths = c.abstopk_widths()
     for width in set(widths):
-        sites = c.n_layer * widths.count(width)
-        a = torch.randn(rows, width, device=cfg.device, dtype=dtype).abs()
-        total += sites * seconds_per_call(lambda: a.topk(int(c.afrac * width), dim=-1, sorted=False), reps, cfg.device)
-    return total * 1e3
+        sites, k = c.n_layer * widths.count(width), int(c.afrac * width)
+        x = torch.randn(rows, width, device=cfg.device, dtype=dtype)
+        bits, a = abs_bits(x), x.abs()
+        ours += sites * seconds_per_call(lambda: bits.topk(k, dim=-1, sorted=False), reps, cfg.device)
+        plain += sites * seconds_per_call(lambda: a.topk(k, dim=-1, sorted=False), reps, cfg.device)
+    return ours * 1e3, plain * 1e3
 
 
 def prune_time(ckpt, task, device, out_dir):
@@ -234,13 +239,14 @@ def bench_shape(shape, bc, device, peaks):
     ours = seconds_per_call(lambda: model.project_weights(frac), bc.steps, device)
     naive = seconds_per_call(lambda: naive_project(model, frac), bc.steps, device)
     plain_ms, recorded_ms = hook_overhead(sparse, bc.steps)
-    topk_ms = topk_alone_ms(sparse, bc.steps)
+    topk_ms, topk_plain_ms = topk_alone_ms(sparse, bc.steps)
     s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
     over_sparse = lambda name: runs[name]["ms_per_step"] / s if name in runs else None   # the optional variants
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
             "matmul_peak_flops": peaks[dtype], "runs": runs,
             "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,
             "abstopk_share": max(0.0, (s - n) / s), "topk_alone_ms": topk_ms, "topk_alone_share": topk_ms / s,
+            "topk_plain_over_bits": topk_plain_ms / topk_ms if topk_ms else None,
             "naive_over_ours_projection": naive / ours,
             "projection_ms": ours * 1e3, "naive_projection_ms": naive * 1e3,
             "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
@@ -263,7 +269,9 @@ def main(argv):
     for shape in bc.shapes.split(","):
         result["shapes"][shape] = r = bench_shape(shape, bc, device, peaks)
         print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} | projection {r['projection_share']:.1%} "
-              f"of a step | AbsTopK {r['abstopk_share']:.1%} (topk alone {r['topk_alone_share']:.1%}) | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
+              f"of a step | AbsTopK {r['abstopk_share']:.1%} (topk alone {r['topk_alone_share']:.1%}"
+              + (f"; on |x| rather than its bits {r['topk_plain_over_bits']:.2f}x" if r["topk_plain_over_bits"] else "")
+              + f") | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
               f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "
               f"{r['runs']['sparse']['mfu']:.1%} dense {r['runs']['dense']['mfu']:.1%} | forward "
               f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms"

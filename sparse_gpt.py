@@ -94,20 +94,26 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+def abs_bits(x):
+    """|x| read as integers of its width: for floats >= 0 the bit pattern orders as the value (+inf
+    above all finite values, nan above +inf, as topk ranks them). topk picks the same entries on
+    these as on |x|, faster on a CPU (no nan test per comparison; bench.py measures it)."""
+    return x.detach().abs().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
 def abstopk(x, k):
     """Keep the k entries of largest |x| along the last dim, zero the rest (gradient flows only
     through the kept ones, since the rest are multiplied by a constant 0)."""
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    idx = abs_bits(x).topk(k, dim=-1, sorted=False).indices
     return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))   # exactly k kept, even with ties
 
 
 def abstopk_radix(x, k):
     """The same AbsTopK without topk, for torch.compile, which fuses these counting passes into one
     kernel (topk it can only hand to ATen). The k-th largest |x| of each row is found one bit at a
-    time, a radix select: for floats >= 0 the bit pattern, read as an integer of the same width,
-    orders as the value. Kept: the entries above it, and of those equal to it the first by index,
-    so exactly k; ties go to the lowest index, where topk's choice is its kernel's."""
-    bits = x.detach().abs().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    time on abs_bits(x), a radix select. Kept: the entries above it, and of those equal to it the
+    first by index, so exactly k; ties go to the lowest index, where topk's choice is its kernel's."""
+    bits = abs_bits(x)
     kth = torch.zeros_like(bits[..., :1])
     # from the bit below the sign bit down: the largest kth with count(bits >= kth) >= k
     for bit in range(8 * x.element_size() - 2, -1, -1):

@@ -68,6 +68,20 @@ def test_abstopk_keeps_exactly_k_largest_and_grads_only_through_them(abstopk):
     assert ((abstopk(torch.ones(3, 8), 3) != 0).sum(-1) == 3).all()   # ties: still exactly k
 
 
+def test_abstopk_on_bits_keeps_what_topk_on_abs_keeps():
+    torch.manual_seed(0)
+    x = torch.randn(64, 96) * torch.logspace(-30, 30, 64)[:, None]   # tiny to huge magnitudes, both signs
+    x[0, :40] = 0                                              # ties at zero, ties at a nonzero value,
+    x[1, 10:] = -x[1, 9]
+    x[2, :3] = torch.tensor([math.inf, -math.inf, 0.0]) / torch.tensor([1.0, 1.0, 0.0])   # +-inf, nan (0/0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        y = x.to(dtype)
+        idx = y.abs().topk(24, dim=-1, sorted=False).indices   # the plain way: topk on |x|
+        plain = torch.zeros_like(y).scatter(-1, idx, y.gather(-1, idx))
+        assert torch.equal(abstopk(y, 24).isnan(), plain.isnan()), dtype
+        assert torch.equal(abstopk(y, 24).nan_to_num(), plain.nan_to_num()), dtype
+
+
 def lowest_index_abstopk(x, k):
     """Reference for abstopk_radix: a stable full sort, so ties at the k-th |x| go to the lowest index."""
     idx = (-x.abs().double()).argsort(dim=-1, stable=True)[..., :k]
