@@ -3,7 +3,7 @@ Speed and memory of weight-sparse training against dense training of the same sh
 one run on whatever device is here, for the CPU and GPU preset shapes.
 
     python bench.py                          # both shapes; out/bench/<device>.json
-    python bench.py --shapes=cpu --steps=10  # one shape, more timed steps
+    python bench.py --shapes=cpu --steps=20  # one shape, more timed steps
     python bench.py --prune_ckpt=out/cpu45/ckpt.pt   # also time prune.py on one task of that model
     python bench.py --help                   # every setting
 

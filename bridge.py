@@ -19,7 +19,7 @@ Loss = coef_ce * the sparse model's next-token loss
      + coef_kl_ds * KL(dense || d->s hybrid) + coef_kl_sd * KL(dense || s->d hybrid)
 where the d->s hybrid runs the dense model up to site i, encodes, and continues in the sparse model
 (s->d: the reverse) [paper]. One site per direction per step, drawn at random (an unbiased estimate
-of the mean over sites at a ninth of the cost). The sparse model trains by train.py's rules
+of the mean over sites at 1/(2 n_layer + 1) of the cost). The sparse model trains by train.py's rules
 (annealed top-k projection, sharkfin LR, grad-RMS normalization); the bridges by plain AdamW.
 The result is a normal checkpoint: tasks.py and prune.py read it unchanged.
 """

@@ -17,7 +17,8 @@ makes x*m + mean*(1-m): a masked node holds its mean [paper]. Loss = task loss +
 nodes; AdamW on tau; then sort by tau, keep the top k, and bisect k over fixed batches of other
 train-split prompts (not the ones the masks learned on) to the smallest circuit with loss <= target
 [paper], the loss taken as mean + 1 standard error (ours: so the circuit meets the target on new
-prompts too). Every reported loss is on held-out test prompts.
+prompts too). The checks (full model, circuit, circuit ablated) are on held-out test prompts; the
+loss-vs-k curve is on the bisection prompts.
 
 Edge rule (ours, the same for every model): an edge is a nonzero entry of a block's weight matrix
 whose input and output nodes are both kept: act_in -> q, k, v (c_attn), v -> attn.resid_delta

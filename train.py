@@ -2,8 +2,8 @@
 Annealed weight-sparse training (METHOD.md section 2), and dense baselines, nanoGPT style.
 
     python train.py                                  # GPU preset if CUDA is there, else the CPU preset
-    python train.py --preset=cpu45                   # 45 minutes on 2 cores: solves 4 tasks (README)
-    python train.py --preset=cpu --l0_frac=1 --afrac=1 --out_dir=out/dense   # the dense twin
+    python train.py --preset=cpu45                   # about 35-40 minutes on 2 cores: solves 4 tasks (README)
+    python train.py --preset=cpu --l0_frac=1 --afrac=1 --out_dir=out/cpu_dense   # the dense twin
     python train.py --out_dir=out/cpu --resume=True  # continue an interrupted run exactly
     torchrun --standalone --nproc_per_node=2 train.py --preset=cpu   # DDP (gloo on CPU, nccl on GPU)
     python train.py --help                           # every setting; override any with --key=value
@@ -117,7 +117,7 @@ class TrainConfig:
 
 
 # presets: overrides of the defaults above. The cpu preset is the defaults (a 2-core laptop,
-# under 15 minutes); cpu45 is the same model trained 3x longer (about 41 minutes), the smallest
+# under 15 minutes); cpu45 is the same model trained 3x longer (about 35-40 minutes), the smallest
 # run we found that solves tasks at the pruning target; the gpu preset is a bigger model for one GPU
 # (its lr: 1e-2 blew up during the anneal of a 3000-step H200 run, 3e-3 did not; README).
 PRESETS = {
