@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import UserError, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
+from config import UserError, check_out_dir, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
 from sparse_gpt import GPT, abs_bits, load_checkpoint, target_nonzeros
 from tasks import get_task
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_optimizer, optimizer_step
@@ -61,6 +61,9 @@ class BenchConfig:
                 raise UserError(f"--shapes={self.shapes}: {shape!r} is unknown; allowed: {', '.join(PRESETS)}")
         if self.steps <= 0 or self.warmup < 0:
             raise UserError(f"--steps={self.steps}, --warmup={self.warmup}: need steps > 0 and warmup >= 0")
+        if self.cpu_batch_gpu_shape < 1:
+            raise UserError(f"--cpu_batch_gpu_shape={self.cpu_batch_gpu_shape} must be positive")
+        check_out_dir("out_dir", self.out_dir)
 
 
 def sync(device):

@@ -87,6 +87,8 @@ class BridgeConfig(TrainConfig):
             raise UserError(f"--steer_prompts={self.steer_prompts} must be even and at least 2 (half of each class)")
         if self.steer_controls < 1:
             raise UserError(f"--steer_controls={self.steer_controls} must be at least 1")
+        if self.steer_channel < -1:   # -1 only: another negative number is a typo, not a request for auto
+            raise UserError(f"--steer_channel={self.steer_channel} must be a channel (0 and up) or -1 (picked for you)")
 
 # -----------------------------------------------------------------------------
 # the pieces
@@ -201,10 +203,15 @@ def print_eval(ev, log=print):
 # -----------------------------------------------------------------------------
 # loading, with the checks that the two models can be bridged
 
+def is_dense(train_config):
+    """A dense model, by its saved train.py settings: no weight sparsity, no AbsTopK (README's dense twin)."""
+    return train_config.get("l0_frac", 1.0) >= 1.0 and train_config.get("afrac", 1.0) >= 1.0
+
+
 def load_dense(path, device):
     ckpt = load_checkpoint(path, device)
     tc = ckpt.get("train_config", {})
-    if tc.get("l0_frac", 1.0) < 1.0 or tc.get("afrac", 1.0) < 1.0:
+    if not is_dense(tc):
         raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
                         "bridges need a dense one (trained with --l0_frac=1 --afrac=1)")
     dense = GPT(GPTConfig(**ckpt["model_config"]))
@@ -266,17 +273,27 @@ def train_bridges(cfg):
     torch.manual_seed(cfg.seed)
     dense, dense_ckpt = load_dense(cfg.dense, cfg.device)
     data_dir = dense_ckpt.get("train_config", {}).get("data_dir", "")
-    if cfg.data_dir != data.user_dir(data_dir):   # both absolute (an older checkpoint may hold a relative one)
+    if not data.same_data_dir(cfg.data_dir, data_dir):   # "" is the standard library, by path or not
         raise UserError(f"--data_dir={cfg.data_dir!r} differs from the dense model's {data_dir!r}: "
                         "both models must read the same tokens")
+    init = None
+    if cfg.init_sparse and not cfg.resume:
+        init = load_checkpoint(cfg.init_sparse, cfg.device)
+        init_dir = init.get("train_config", {}).get("data_dir", "")
+        if not data.same_data_dir(init_dir, data_dir):   # another tokenizer: its embeddings mean other tokens
+            raise UserError(f"--init_sparse={cfg.init_sparse} was trained on data_dir={init_dir!r}, the dense model "
+                            f"on {data_dir!r}: both models must read the same tokens")
     folder = data.data_folder(dense_ckpt, verbose=True)   # the dense model's own tokenizer
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
     sparse = GPT(cfg.model_config()).to(cfg.device)
     check_bridgeable(dense.config, sparse.config)
-    if cfg.init_sparse and not cfg.resume:
-        init = load_checkpoint(cfg.init_sparse, cfg.device)
-        if GPTConfig(**init["model_config"]) != sparse.config:
-            raise UserError(f"--init_sparse={cfg.init_sparse} has another shape than the configured sparse model")
+    if init is not None:
+        saved = GPTConfig(**init["model_config"])
+        diff = [f"{f.name} {getattr(saved, f.name)} (checkpoint) vs {getattr(sparse.config, f.name)} (configured)"
+                for f in dataclasses.fields(GPTConfig) if getattr(saved, f.name) != getattr(sparse.config, f.name)]
+        if diff:
+            raise UserError(f"--init_sparse={cfg.init_sparse} has another shape than the configured sparse model: "
+                            + ", ".join(diff))
         sparse.load_state_dict(init["model"])
     bridges = Bridges(bridge_sites(sparse), dense.config.d_model, sparse.config.d_model, cfg.bridge_afrac).to(cfg.device)
     optimizer = make_optimizer(sparse, cfg)

@@ -73,6 +73,15 @@ def default_of(field):
     return field.default_factory()
 
 
+def check_out_dir(key, path):
+    """A folder setting (out_dir, cache_dir) must name a folder, existing or not: checked with the
+    other settings, not found out when the first output is written after the work is done."""
+    if not path:
+        raise UserError(f"--{key} is empty; give a folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--{key}={path} is a file, not a folder")
+
+
 def write_atomic(path, text):
     """Write text to path via a temp file and a rename: a reader never sees half a file."""
     tmp = f"{path}.{os.getpid()}.tmp"   # per process: parallel writers of one path never share a temp file

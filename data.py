@@ -26,7 +26,7 @@ import torch
 import regex  # installed with tiktoken (its own dependency): \p{L} classes like tiktoken's patterns
 import tiktoken
 
-from config import UserError, parse_args, run_main, write_atomic
+from config import UserError, check_out_dir, parse_args, run_main, write_atomic
 
 VOCAB_SIZE = 2048
 EOT = "<|endoftext|>"
@@ -45,6 +45,7 @@ class DataConfig:
 
     def __post_init__(self):
         self.data_dir = user_dir(self.data_dir)
+        check_out_dir("cache_dir", self.cache_dir)
         if self.val_every < 2:
             raise UserError(f"--val_every={self.val_every} must be at least 2 (1 would leave no training files)")
         if self.tokenizer_sample_bytes <= 0:
@@ -63,13 +64,19 @@ def user_dir(path):
     return os.path.abspath(os.path.expanduser(path)) if path else ""
 
 
+def same_data_dir(a, b):
+    """Whether two data_dir settings name the same folder ("" is the standard library's)."""
+    return os.path.realpath(user_dir(a) or default_data_dir()) == os.path.realpath(user_dir(b) or default_data_dir())
+
+
 def list_py_files(data_dir):
     if not os.path.isdir(data_dir):
         raise UserError(f"data_dir={data_dir} is not a folder")
     files = []
     for root, dirs, names in os.walk(data_dir):
         dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
-        files += [os.path.join(root, n) for n in sorted(names) if n.endswith(".py")]
+        files += [os.path.join(root, n) for n in sorted(names)
+                  if n.endswith(".py") and os.path.isfile(os.path.join(root, n))]   # not a dangling link
     if not files:
         raise UserError(f"data_dir={data_dir} holds no .py files")
     return files
@@ -225,9 +232,12 @@ def data_folder(ckpt, data_dir=None, verbose=False):
     one of data_dir, built now if need be."""
     saved_dir = ckpt.get("train_config", {}).get("data_dir", "")
     data_dir = saved_dir if data_dir is None else data_dir
-    recorded, same_dir = ckpt.get("data"), user_dir(data_dir) == user_dir(saved_dir)
+    recorded, same_dir = ckpt.get("data"), same_data_dir(data_dir, saved_dir)
     if recorded and same_dir and os.path.exists(os.path.join(recorded, "meta.json")):
         return recorded
+    if recorded and same_dir and not os.path.isdir(user_dir(data_dir) or default_data_dir()):
+        raise UserError(f"the model's data folder {recorded} is gone, and so is data_dir={data_dir}, the folder "
+                        "of .py files it was trained on, to build it again")
     folder = prepare(DataConfig(data_dir=data_dir), verbose)
     if recorded and same_dir and os.path.basename(os.path.normpath(recorded)) != os.path.basename(folder):
         print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 
 import data
 import prune
-from config import UserError, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
+from bridge import is_dense
+from config import UserError, check_out_dir, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
 from draw import SVG_HEAD, line, text
+from sparse_gpt import load_checkpoint
 from tasks import TASKS, evaluate, get_task, load_model, make_prompts
 
 
@@ -61,11 +63,14 @@ class HeadlineConfig:
         for name in self.tasks.split(","):
             if name:
                 get_task(name)        # an unknown task: a one-line UserError listing the known ones
+        if not 0.0 < self.target_loss < math.inf:   # as prune.py checks it; written so that nan fails too
+            raise UserError(f"--target_loss={self.target_loss} must be positive and finite")
         for key in ("prune_steps", "jobs"):
             if getattr(self, key) <= 0:
                 raise UserError(f"--{key}={getattr(self, key)} must be positive")
         if self.n_test <= 0 or self.n_test % 2:
             raise UserError(f"--n_test={self.n_test} must be positive and even (half of each class)")
+        check_out_dir("out_dir", self.out_dir)
         self.search_grid()
 
     def search_grid(self):
@@ -101,6 +106,31 @@ def model_names(cfg):
     taken = Counter(short(f) for f in {os.path.abspath(p) for p in paths})   # a file named twice is one model
     hashed = lambda p: hashlib.sha256(os.path.abspath(p).encode()).hexdigest()[:6]
     return {p: short(p) if taken[short(p)] == 1 else f"{short(p)}_{hashed(p)}" for p in paths}
+
+
+def check_models(sparse_paths, dense_paths):
+    """Each model in its role, read from its saved settings before any model is evaluated: --sparse
+    weight-sparse, --dense dense (bridge.py's rule), no bridge.py checkpoint, and one data_dir for all
+    (one tokenizer, one validation set). A setting a checkpoint does not record is not judged."""
+    data_dirs = {}
+    for kind, path in [("sparse", p) for p in sparse_paths] + [("dense", p) for p in dense_paths]:
+        ckpt = load_checkpoint(path)
+        tc = ckpt.get("train_config", {})
+        if "bridges" in ckpt or "dense" in tc:
+            raise UserError(f"--{kind}={path} is a bridge.py checkpoint; headline.py compares train.py models")
+        if kind == "sparse" and tc.get("l0_frac", 0.0) >= 1.0:
+            raise UserError(f"--sparse={path} is a dense model (l0_frac={tc['l0_frac']}); give a weight-sparse one "
+                            "(trained with --l0_frac < 1)")
+        if kind == "dense" and not is_dense(tc):
+            raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
+                            "give a dense one (trained with --l0_frac=1 --afrac=1)")
+        data_dirs[path] = tc.get("data_dir", "")
+    first = next(iter(data_dirs))
+    for path, data_dir in data_dirs.items():
+        if not data.same_data_dir(data_dir, data_dirs[first]):
+            raise UserError(f"{path} was trained on data_dir={data_dir or 'the standard library'} but {first} "
+                            f"on {data_dirs[first] or 'the standard library'}: the models must share one tokenizer "
+                            "and validation set")
 
 
 def load(path, device):
@@ -271,6 +301,7 @@ def main(argv):
     sparse_paths, dense_paths = checkpoint_paths(cfg.sparse), checkpoint_paths(cfg.dense)
     if not sparse_paths or not dense_paths:
         raise UserError(f"--sparse={cfg.sparse!r} --dense={cfg.dense!r}: give one or more checkpoints to each, comma-separated")
+    check_models(sparse_paths, dense_paths)
     names = [t for t in cfg.tasks.split(",") if t] or list(TASKS)
     models, short = {}, model_names(cfg)
     for kind, path in [("sparse", p) for p in sparse_paths] + [("dense", p) for p in dense_paths]:

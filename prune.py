@@ -44,7 +44,7 @@ from functools import partial
 import torch
 
 import data
-from config import UserError, parse_args, resolve_device, run_main, write_atomic
+from config import UserError, check_out_dir, parse_args, resolve_device, run_main, write_atomic
 from draw import circuit_svg, curve_svg
 from sparse_gpt import ALL_SPARSE_SITES, RMSNorm
 from tasks import TASKS, collate, get_task, load_model, make_prompts, prompt_losses, task_loss
@@ -90,8 +90,16 @@ class PruneConfig:
             get_task(self.task)
         if self.ablation not in ("mean", "task_mean", "zero"):
             raise UserError(f"--ablation={self.ablation} is unknown; allowed: mean, task_mean, zero")
+        check_out_dir("out_dir", self.out_dir)
+        if not 0.0 < self.target_loss < math.inf:   # written so that nan fails too
+            raise UserError(f"--target_loss={self.target_loss} must be positive and finite")
+        for key in ("lr", "bisect_se", "k_coef", "weight_decay"):   # lr 0: the masks' gradient, no step
+            if not 0.0 <= getattr(self, key) < math.inf:
+                raise UserError(f"--{key}={getattr(self, key)} must be finite and not negative")
+        if not 0.0 <= self.beta2 < 1.0:
+            raise UserError(f"--beta2={self.beta2} is outside [0, 1)")
         for key in ("n_train", "n_eval", "n_test", "steps", "batch_size", "mean_batches", "mean_batch_size",
-                    "eval_batch_size", "log_interval", "target_loss"):
+                    "eval_batch_size", "log_interval"):
             value, even = getattr(self, key), key.startswith("n_")   # prompt sets hold half of each class
             if value <= 0 or (even and value % 2):
                 raise UserError(f"--{key}={value} must be positive" + (" and even" if even else ""))

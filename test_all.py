@@ -37,6 +37,7 @@ from sparse_gpt import (GPT, GPTConfig, RMSNorm, abstopk, abstopk_radix, abstopk
                         sink_attention, target_nonzeros, topk_weight_mask)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, "README.md")   # a file, where a test needs one in place of a folder
 
 
 def tiny_config(**kw):
@@ -301,7 +302,13 @@ def test_config_parsing_and_bad_values(capsys):
                        ("--l0_frac=0", "l0_frac=0.0 is outside"), ("--l0_frac=1.5", "l0_frac=1.5 is outside"),
                        ("--afrac=0", "afrac=0.0 is outside"), ("--sparse_sites=attn_x", "unknown sparse_sites"),
                        ("--d_model=40", "not a multiple of d_head"), ("--preset=tpu", "preset=tpu is unknown"),
-                       ("--abstopk_by=sort", "abstopk_by=sort is unknown; allowed: topk, radix")]:
+                       ("--abstopk_by=sort", "abstopk_by=sort is unknown; allowed: topk, radix"),
+                       ("--learning_rate=nan", "learning_rate=nan must be positive and finite"),
+                       ("--learning_rate=-1", "learning_rate=-1.0 must be positive"),
+                       ("--beta2=1", r"beta2=1.0 is outside \[0, 1\)"), ("--eps=0", "eps=0.0 must be positive"),
+                       ("--weight_decay=inf", "weight_decay=inf must be at least 0 and finite"),
+                       ("--warmup_frac=nan", "warmup_frac=nan is outside"), ("--min_per_channel=-1", "must not be negative"),
+                       ("--seed=-1", r"seed=-1 is outside \[0, 2\*\*63\)"), (f"--seed={2**64}", "is outside")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args([bad, "--out_dir=out/never"])
 
@@ -310,7 +317,7 @@ def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_w
     from config import resolve_device
     for bad, words in [("--mlp_ratio=0", "mlp_ratio=0 must be positive"), ("--d_head=0", "d_head=0 must be positive"),
                        ("--d_model=-16", "d_model=-16 must be positive"), ("--d_model=0", "d_model=0 must be positive"),
-                       ("--out_dir=", "out_dir is empty")]:
+                       ("--out_dir=", "out_dir is empty"), (f"--out_dir={__file__}", "is a file, not a folder")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args([f"--out_dir={tmp_path / 'o'}", bad])
     for name in ["gpu", "cuda:x", "cuda:99", "cpu:0"] + ([] if torch.backends.mps.is_available() else ["mps"]):
@@ -322,8 +329,16 @@ def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_w
     assert not (tmp_path / "o").exists()
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=120)
+def run_script(*args, cwd=HERE):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(args, cwd=HERE):
+    """Run a script; assert exit code 2 and a single 'error: ...' line on stderr; return that line."""
+    result = run_script(*args, cwd=cwd)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+    return lines[0]
 
 
 def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path):
@@ -376,6 +391,17 @@ def test_bpe_training_on_a_toy_corpus():
 def test_data_dir_without_py_files_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="holds no .py files"):
         data.prepare(data.DataConfig(data_dir=str(tmp_path)))
+
+
+def test_a_dangling_link_is_skipped_and_a_lost_data_folder_is_named(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").symlink_to(tmp_path / "gone.py")
+    assert data.list_py_files(str(tmp_path)) == [str(tmp_path / "a.py")]
+    lost = {"data": str(tmp_path / "cache"), "train_config": {"data_dir": str(tmp_path / "moved")}}
+    with pytest.raises(UserError, match=r"data folder .*cache is gone, and so is data_dir=.*moved, the folder"):
+        data.data_folder(lost)
+    with pytest.raises(UserError, match=r"--cache_dir=.*a.py is a file, not a folder"):
+        data.DataConfig(cache_dir=str(tmp_path / "a.py"))
 
 
 def test_data_config_bad_values_are_user_errors():
@@ -452,6 +478,32 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, corpus):
+    train.train(tiny_train_config(tmp_path / "cut", stop_iter=3))
+    resume = [f"--out_dir={tmp_path / 'cut'}", "--resume=True"]
+    assert train.config_from_args(resume).device == "auto"            # saved "cpu": this machine chooses again
+    assert train.config_from_args(resume + [f"--data_dir={data.default_data_dir()}"])   # "" is the stdlib
+    for extra, words in [([f"--data_dir={HERE}"], "differs from the one .* trained on .*the standard library.*tokenizer"),
+                         (["--preset=cpu45"], "a resumed run keeps its saved settings"),
+                         (["--stop_iter=3"], "already at step 3; nothing to do up to step 3")]:
+        with pytest.raises(UserError, match=words):
+            train.config_from_args(resume + extra)
+    fake = tmp_path / "bridge"
+    fake.mkdir()
+    torch.save({"model": {}, "model_config": {}, "train_config": {"dense": "d.pt"}}, fake / "ckpt.pt")
+    with pytest.raises(UserError, match="not a train.py checkpoint .bridge.py's: resume it with bridge.py"):
+        train.config_from_args([f"--out_dir={fake}", "--resume=True"])
+
+
+def test_a_diverging_run_stops_without_saving_a_nan_model(tmp_path, corpus):
+    with pytest.raises(UserError, match=r"training diverged: loss nan at step \d.*no checkpoint was written"):
+        train.train(tiny_train_config(tmp_path / "blowup", learning_rate=1e30))
+    assert not (tmp_path / "blowup" / "ckpt.pt").exists()
+    cfg = tiny_train_config(tmp_path / "seed", seed=1_700_000_000)    # a timestamp as seed: batches still drawn
+    x, y = train.batch_for(torch.arange(1000), 5, 0, cfg)
+    assert x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_torchrun_two_cpu_processes_hold_identical_weights(tmp_path, corpus):
@@ -1360,3 +1412,138 @@ print(threshold, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     _, default_faults = page_faults("default")
     assert default_faults > 20 * max(faults, 50)  # glibc's default: a fresh mapping each time, faulted page by page
     assert faults < 1_000                         # kept: the freed block is reused as it is
+
+# -----------------------------------------------------------------------------
+# bad input to prune.py, headline.py, bridge.py and bench.py: a one-line error before any work
+
+def test_prune_refuses_bad_optimizer_search_and_folder_settings():
+    cases = [(dict(lr=-1.0), r"--lr=-1.0 must be finite and not negative"),
+             (dict(lr=float("nan")), r"--lr=nan must be finite and not negative"),
+             (dict(lr=float("inf")), r"--lr=inf must be finite"),
+             (dict(weight_decay=-1.0), r"--weight_decay=-1.0 must be finite and not negative"),
+             (dict(beta2=2.0), r"--beta2=2.0 is outside \[0, 1\)"), (dict(beta2=1.0), r"--beta2=1.0 is outside"),
+             (dict(k_coef=-1.0), r"--k_coef=-1.0 must be finite and not negative"),
+             (dict(bisect_se=-3.0), r"--bisect_se=-3.0 must be finite and not negative"),
+             (dict(bisect_se=float("nan")), r"--bisect_se=nan must be finite"),
+             (dict(bisect_se=float("inf")), r"--bisect_se=inf must be finite"),
+             (dict(target_loss=float("nan")), r"--target_loss=nan must be positive and finite"),
+             (dict(target_loss=0.0), r"--target_loss=0.0 must be positive"),
+             (dict(out_dir=""), r"--out_dir is empty; give a folder"),
+             (dict(out_dir=README), r"--out_dir=.*README.md is a file, not a folder")]
+    for kw, words in cases:
+        with pytest.raises(UserError, match=words):
+            prune.PruneConfig(**kw)
+    prune.PruneConfig(lr=0.0, k_coef=0.0, bisect_se=0.0, weight_decay=0.0, beta2=0.0)   # the edges of what is allowed
+
+
+def test_prune_script_refuses_a_bad_out_dir_before_loading_anything(tmp_path):
+    assert "--out_dir=README.md is a file, not a folder" in one_line_error(["prune.py", "--out_dir=README.md"])
+    line = one_line_error([os.path.join(HERE, "prune.py"), "--out_dir=", "--ckpt=none.pt"], cwd=tmp_path)
+    assert "--out_dir is empty" in line and os.listdir(tmp_path) == []
+
+# -----------------------------------------------------------------------------
+# headline.py
+
+
+def test_headline_refuses_a_target_it_cannot_meet_and_a_bad_out_dir_up_front(tmp_path):
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UserError, match=f"--target_loss={bad} must be positive and finite"):
+            headline.HeadlineConfig(target_loss=bad)
+    with pytest.raises(UserError, match="--out_dir is empty"):
+        headline.HeadlineConfig(out_dir="")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        headline.HeadlineConfig(out_dir=README)
+    line = one_line_error([os.path.join(HERE, "headline.py"), "--out_dir="], cwd=tmp_path)
+    assert "--out_dir is empty" in line and os.listdir(tmp_path) == []   # no circuits/ left here
+
+
+def save_model(path, **train_config):
+    """A tiny train.py-like checkpoint with the given saved settings (data_dir "" unless given)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model = GPT(tiny_config())
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "val_loss": 3.0,
+                "train_config": {"data_dir": "", **train_config}}, path)
+    return str(path)
+
+
+def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_path, monkeypatch):
+    sparse = save_model(tmp_path / "sparse" / "ckpt.pt", l0_frac=0.25, afrac=0.25)
+    dense = save_model(tmp_path / "dense" / "ckpt.pt", l0_frac=1.0, afrac=1.0)
+    bridged = save_model(tmp_path / "bridge" / "ckpt.pt", l0_frac=0.25, afrac=0.25, dense=dense)
+    other_data = save_model(tmp_path / "other" / "ckpt.pt", l0_frac=1.0, afrac=1.0, data_dir=str(tmp_path))
+    stdlib = save_model(tmp_path / "stdlib" / "ckpt.pt", l0_frac=1.0, afrac=1.0, data_dir=data.default_data_dir())
+    with_bridges = tmp_path / "with_bridges.pt"
+    torch.save({**torch.load(sparse, weights_only=False), "bridges": {}}, with_bridges)
+
+    def reached(path, device):                     # past the checks: the first model is loaded to be evaluated
+        raise UserError("reached load")
+    monkeypatch.setattr(headline, "load", reached)
+    out = tmp_path / "h"
+    cases = [(sparse, dense, "reached load"), (sparse, stdlib, "reached load"),   # "" and the stdlib's path agree
+             (dense, sparse, rf"--sparse={dense} is a dense model \(l0_frac=1.0\)"),
+             (sparse, sparse, rf"--dense={sparse} is a sparse model \(l0_frac=0.25, afrac=0.25\)"),
+             (sparse, f"{dense},{bridged}", rf"--dense={bridged} is a bridge.py checkpoint"),
+             (with_bridges, dense, "is a bridge.py checkpoint"),
+             (sparse, f"{dense},{other_data}", rf"{other_data} was trained on data_dir={tmp_path} but {sparse} on "
+                                               "the standard library")]
+    for s, d, words in cases:
+        with pytest.raises(UserError, match=words):
+            headline.main([f"--sparse={s}", f"--dense={d}", f"--out_dir={out}", "--device=cpu"])
+    assert not out.exists()
+    line = one_line_error(["headline.py", f"--sparse={dense}", f"--dense={sparse}", f"--out_dir={out}"])
+    assert "is a dense model" in line and not out.exists()                      # swapped roles: nothing written
+
+# -----------------------------------------------------------------------------
+# bridge.py
+
+
+def save_init(path, cfg, data_dir, **model_overrides):
+    """A checkpoint of the configured sparse model's shape (or another), trained on data_dir."""
+    model = GPT(dataclasses.replace(cfg.model_config(), **model_overrides))
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                "train_config": {"data_dir": data_dir}}, path)
+    return str(path)
+
+
+def test_bridge_data_dir_and_init_sparse_are_checked_against_the_dense_model(tmp_path, tiny_dense):
+    cfg = tiny_bridge_config(tmp_path / "b", tiny_dense)
+    with pytest.raises(UserError, match="differs from the dense model's ''"):
+        bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, data_dir=str(tmp_path)))
+    other = save_init(tmp_path / "other.pt", cfg, str(tmp_path))
+    with pytest.raises(UserError, match=f"--init_sparse={other} was trained on data_dir='{tmp_path}', the dense "
+                                        "model on ''"):
+        bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, init_sparse=other))
+    shape = save_init(tmp_path / "shape.pt", cfg, "", afrac=1.0, d_head=8)
+    with pytest.raises(UserError, match=r"another shape than the configured sparse model: d_head 8 \(checkpoint\) "
+                                        r"vs 16 \(configured\), afrac 1.0 \(checkpoint\) vs 0.25 \(configured\)$"):
+        bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, init_sparse=shape))
+    assert not (tmp_path / "b").exists()
+    stdlib = data.default_data_dir()                 # the standard library by its path is the default ""
+    ok = save_init(tmp_path / "ok.pt", cfg, stdlib)
+    bridge.train_bridges(tiny_bridge_config(tmp_path / "ok", tiny_dense, data_dir=stdlib, init_sparse=ok,
+                                            max_iters=1, eval_interval=1))
+    assert (tmp_path / "ok" / "ckpt.pt").exists()
+
+
+def test_bridge_steer_channel_below_minus_1_is_refused(tmp_path):
+    args = ["--d_model=32", f"--out_dir={tmp_path / 'w'}"]
+    with pytest.raises(UserError, match=r"--steer_channel=-7 must be a channel \(0 and up\) or -1"):
+        bridge.config_from_args(args + ["--steer_channel=-7"])
+    for ok in (-1, 0, 5):
+        assert bridge.config_from_args(args + [f"--steer_channel={ok}"]).steer_channel == ok
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+
+def test_bench_refuses_a_batch_of_0_under_its_own_name_and_a_bad_out_dir():
+    for bad in (0, -2):
+        with pytest.raises(UserError, match=f"--cpu_batch_gpu_shape={bad} must be positive"):
+            bench.BenchConfig(cpu_batch_gpu_shape=bad)
+    with pytest.raises(UserError, match="--out_dir is empty"):
+        bench.BenchConfig(out_dir="")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        bench.BenchConfig(out_dir=README)
+    assert bench.BenchConfig(cpu_batch_gpu_shape=1).cpu_batch_gpu_shape == 1
+    line = one_line_error(["bench.py", "--shapes=gpu", "--cpu_batch_gpu_shape=0"])
+    assert line == "error: --cpu_batch_gpu_shape=0 must be positive"

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tasks
-from config import UserError, parse_args, resolve_device, run_main, write_atomic
+from config import UserError, check_out_dir, parse_args, resolve_device, run_main, write_atomic
 from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
 
@@ -81,8 +81,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise UserError(f"--preset={self.preset} is unknown; allowed: {', '.join(PRESETS)}")
-        if not self.out_dir:
-            raise UserError("--out_dir is empty; give the folder for the checkpoint")
+        check_out_dir("out_dir", self.out_dir)
         self.data_dir = data.user_dir(self.data_dir)   # saved absolute: a resume from elsewhere reads the same files
         if not 0.0 < self.l0_frac <= 1.0:
             raise UserError(f"--l0_frac={self.l0_frac} is outside (0, 1]")
@@ -98,6 +97,22 @@ class TrainConfig:
                             "selects; it needs --compile=True, or pass --abstopk_by=topk")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
+        if not (0.0 < self.learning_rate < math.inf):   # written so that nan fails too
+            raise UserError(f"--learning_rate={self.learning_rate} must be positive and finite")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise UserError(f"--{key}={getattr(self, key)} is outside [0, 1)")
+        if not 0.0 < self.eps < math.inf:
+            raise UserError(f"--eps={self.eps} must be positive and finite")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise UserError(f"--weight_decay={self.weight_decay} must be at least 0 and finite")
+        if not 0.0 <= self.warmup_frac <= 1.0:
+            raise UserError(f"--warmup_frac={self.warmup_frac} is outside [0, 1]")
+        for key in ("min_per_channel", "sample_tokens"):
+            if getattr(self, key) < 0:
+                raise UserError(f"--{key}={getattr(self, key)} must not be negative")
+        if not 0 <= self.seed < 2**63:   # torch's generators take 64 bits
+            raise UserError(f"--seed={self.seed} is outside [0, 2**63)")
         for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                     "block_size", "gradient_accumulation_steps"):
             if getattr(self, key) <= 0:
@@ -127,7 +142,7 @@ PRESETS = {
                 batch_size=64, n_layer=8, d_model=512, l0_frac=1 / 32, learning_rate=3e-3,
                 dtype="bfloat16", compile=True),
 }
-MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"] + ["block_size"]
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]   # block_size among them
 
 # -----------------------------------------------------------------------------
 # schedules (METHOD.md section 2)
@@ -210,7 +225,7 @@ def autocast_for(cfg):
 def batch_for(tokens, step, micro, cfg, rank=0):
     """The batch of (step, micro-step, rank) depends on nothing else, so a resumed run sees
     exactly the data the uninterrupted one would have."""
-    gen = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+    gen = torch.Generator().manual_seed((((cfg.seed * 1_000_003 + step) * 1009 + micro) * 101 + rank) % 2**63)
     return data.get_batch(tokens, cfg.batch_size, cfg.block_size, gen)
 
 
@@ -244,6 +259,13 @@ def sparsity_report(model, frac):
     return exact, params, fewest
 
 
+def check_finite(loss, step, ckpt_path, saved_step):
+    """A diverged run stops rather than save a nan model over the last good one."""
+    if not math.isfinite(loss):
+        kept = f"{ckpt_path} keeps step {saved_step}" if saved_step else "no checkpoint was written"
+        raise UserError(f"training diverged: loss {loss} at step {step} (try a lower --learning_rate); {kept}")
+
+
 def save_checkpoint(path, model, optimizer, scaler, step, cfg, extra):
     """Atomic: write a temp file, then rename over the old checkpoint."""
     ckpt = {"format": "sparse-circuits/1", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -261,8 +283,8 @@ def preset_asked(argv):
 
 def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
     """The checkpoint's saved settings as the base, then --key=value; fixed_keys (what shapes the
-    loaded tensors) may not change."""
-    base = cls(**{**saved["train_config"], "resume": True, "stop_iter": 0})
+    loaded tensors) may not change. The device is this machine's choice again (auto unless given)."""
+    base = cls(**{**saved["train_config"], "resume": True, "stop_iter": 0, "device": "auto"})
     cfg = parse_args(cls, argv, base=base)
     changed = [k for k in fixed_keys if getattr(cfg, k) != getattr(base, k)]
     if changed:
@@ -280,9 +302,20 @@ def config_from_args(argv):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
         saved = load_checkpoint(ckpt_path)
-        if "train_config" not in saved:
-            raise UserError(f"{ckpt_path} is not a train.py checkpoint (no train_config)")
+        if "train_config" not in saved or "dense" in saved["train_config"]:
+            raise UserError(f"{ckpt_path} is not a train.py checkpoint" + (" (bridge.py's: resume it with "
+                            "bridge.py --resume=True)" if "train_config" in saved else " (no train_config)"))
+        if preset_asked(argv):
+            raise UserError(f"--preset={preset_asked(argv)} with --resume=True: a resumed run keeps its saved "
+                            "settings; change single ones with --key=value")
         cfg = resumed_config(TrainConfig, argv, saved, MODEL_KEYS, ckpt_path)
+        if not data.same_data_dir(cfg.data_dir, saved["train_config"]["data_dir"]):
+            raise UserError(f"--data_dir={cfg.data_dir} differs from the one {ckpt_path} trained on "
+                            f"({saved['train_config']['data_dir'] or 'the standard library'}), whose tokenizer "
+                            "the model's embeddings are in; start a new run in another --out_dir")
+        if saved["step"] >= (cfg.stop_iter or cfg.max_iters):
+            raise UserError(f"{ckpt_path} is already at step {saved['step']}; nothing to do up to step "
+                            f"{cfg.stop_iter or cfg.max_iters} (raise --max_iters to train on)")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
     return cfg
@@ -346,7 +379,7 @@ def train(cfg):
     autocast = autocast_for(cfg)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
     stop = cfg.stop_iter or cfg.max_iters
-    history, t0 = [], time.time()
+    history, t0, saved_step = [], time.time(), start
     t_log, steps_since = t0, start   # for the rate since the last progress line
 
     for step in range(start, stop):
@@ -367,10 +400,13 @@ def train(cfg):
         done = step + 1
         if done % cfg.log_interval == 0 or done == stop:
             dt, t_log, steps_since = (time.time() - t_log) / (done - steps_since), time.time(), done
-            log(f"step {done:5d} | loss {loss_sum.item():.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
+            loss_now = loss_sum.item()
+            check_finite(loss_now, done, ckpt_path, saved_step)
+            log(f"step {done:5d} | loss {loss_now:.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
                 f"{tokens_per_step / dt:7.0f} tok/s | {dt * 1000:6.1f} ms/step")
         if done % cfg.eval_interval == 0 or done == stop:
             losses = estimate_loss(raw, {"train": train_tokens, "val": val_tokens}, cfg, autocast)
+            check_finite(losses["train"] + losses["val"], done, ckpt_path, saved_step)
             line = f"eval {done}: train {losses['train']:.4f} | val {losses['val']:.4f}"
             if task_prompts:   # the behaviour pruning needs, watched as it is learned
                 losses["task"], losses["task_acc"] = tasks.evaluate(raw, task_prompts, cfg.device)
@@ -384,6 +420,7 @@ def train(cfg):
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, scaler, done, cfg,
                                 {"val_loss": losses["val"], "task_loss": losses.get("task"), "data": folder})
+            saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     if ddp:   # every rank must hold the same weights: gather them all and compare
         flat = torch.cat([p.detach().flatten() for p in raw.parameters()])
