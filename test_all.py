@@ -1416,7 +1416,15 @@ print(threshold, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # -----------------------------------------------------------------------------
 # bad input to prune.py, headline.py, bridge.py and bench.py: a one-line error before any work
 
-def test_prune_refuses_bad_optimizer_search_and_folder_settings():
+def test_every_script_refuses_an_out_dir_that_is_empty_or_a_file():
+    for cls in (train.TrainConfig, bridge.BridgeConfig, prune.PruneConfig, headline.HeadlineConfig, bench.BenchConfig):
+        with pytest.raises(UserError, match="--out_dir is empty; give a folder"):
+            cls(out_dir="")
+        with pytest.raises(UserError, match=r"--out_dir=.*README.md is a file, not a folder"):
+            cls(out_dir=README)
+
+
+def test_prune_refuses_bad_optimizer_and_search_settings():
     cases = [(dict(lr=-1.0), r"--lr=-1.0 must be finite and not negative"),
              (dict(lr=float("nan")), r"--lr=nan must be finite and not negative"),
              (dict(lr=float("inf")), r"--lr=inf must be finite"),
@@ -1427,9 +1435,7 @@ def test_prune_refuses_bad_optimizer_search_and_folder_settings():
              (dict(bisect_se=float("nan")), r"--bisect_se=nan must be finite"),
              (dict(bisect_se=float("inf")), r"--bisect_se=inf must be finite"),
              (dict(target_loss=float("nan")), r"--target_loss=nan must be positive and finite"),
-             (dict(target_loss=0.0), r"--target_loss=0.0 must be positive"),
-             (dict(out_dir=""), r"--out_dir is empty; give a folder"),
-             (dict(out_dir=README), r"--out_dir=.*README.md is a file, not a folder")]
+             (dict(target_loss=0.0), r"--target_loss=0.0 must be positive")]
     for kw, words in cases:
         with pytest.raises(UserError, match=words):
             prune.PruneConfig(**kw)
@@ -1449,10 +1455,6 @@ def test_headline_refuses_a_target_it_cannot_meet_and_a_bad_out_dir_up_front(tmp
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(UserError, match=f"--target_loss={bad} must be positive and finite"):
             headline.HeadlineConfig(target_loss=bad)
-    with pytest.raises(UserError, match="--out_dir is empty"):
-        headline.HeadlineConfig(out_dir="")
-    with pytest.raises(UserError, match="is a file, not a folder"):
-        headline.HeadlineConfig(out_dir=README)
     line = one_line_error([os.path.join(HERE, "headline.py"), "--out_dir="], cwd=tmp_path)
     assert "--out_dir is empty" in line and os.listdir(tmp_path) == []   # no circuits/ left here
 
@@ -1536,14 +1538,10 @@ def test_bridge_steer_channel_below_minus_1_is_refused(tmp_path):
 # bench.py
 
 
-def test_bench_refuses_a_batch_of_0_under_its_own_name_and_a_bad_out_dir():
+def test_bench_refuses_a_batch_of_0_under_its_own_name():
     for bad in (0, -2):
         with pytest.raises(UserError, match=f"--cpu_batch_gpu_shape={bad} must be positive"):
             bench.BenchConfig(cpu_batch_gpu_shape=bad)
-    with pytest.raises(UserError, match="--out_dir is empty"):
-        bench.BenchConfig(out_dir="")
-    with pytest.raises(UserError, match="is a file, not a folder"):
-        bench.BenchConfig(out_dir=README)
     assert bench.BenchConfig(cpu_batch_gpu_shape=1).cpu_batch_gpu_shape == 1
     line = one_line_error(["bench.py", "--shapes=gpu", "--cpu_batch_gpu_shape=0"])
     assert line == "error: --cpu_batch_gpu_shape=0 must be positive"
