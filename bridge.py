@@ -39,7 +39,7 @@ import data
 import tasks
 from config import UserError, as_arg, parse_args, resolve_device, run_main
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint
-from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, estimate_loss, make_optimizer,
+from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, check_finite, estimate_loss, make_optimizer,
                    optimizer_step, resumed_config, save_checkpoint)
 
 
@@ -317,7 +317,7 @@ def train_bridges(cfg):
     print(f"dense {cfg.dense}: d_model {dense.config.d_model}; sparse: d_model {sparse.config.d_model}, "
           f"L0 {cfg.l0_frac:g}, AbsTopK {cfg.afrac:g}; {len(bridges.sites)} bridge sites")
 
-    tokens_per_step, t0 = cfg.batch_size * cfg.block_size, time.time()
+    tokens_per_step, t0, saved_step = cfg.batch_size * cfg.block_size, time.time(), start
     t_log, steps_since = t0, start   # for the rate since the last progress line
     for step in range(start, stop):
         x, y = (t.to(cfg.device) for t in batch_for(train_tokens, step, 0, cfg))
@@ -325,16 +325,19 @@ def train_bridges(cfg):
         done = step + 1
         if done % cfg.log_interval == 0 or done == stop:
             dt, t_log, steps_since = (time.time() - t_log) / (done - steps_since), time.time(), done
+            check_finite(sum(v.item() for v in terms.values()), done, ckpt_path, saved_step)
             print(f"step {done:5d} | " + " | ".join(f"{k} {v.item():.4f}" for k, v in terms.items()) +
                   f" | lr {lr:.2e} | L0 {frac:.4f} | {tokens_per_step / dt:6.0f} tok/s | {dt * 1000:6.0f} ms/step",
                   flush=True)
         if done % cfg.eval_interval == 0 or done == stop:
             ev = evaluate_bridges(sparse, dense, bridges, val_tokens, cfg)
+            check_finite(ev["sparse_val_loss"], done, ckpt_path, saved_step)
             print_eval(ev)
             save_checkpoint(ckpt_path, sparse, optimizer, None, done, cfg,
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
                              "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder})
+            saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     print(f"done: {stop - start} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     return ev

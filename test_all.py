@@ -1527,6 +1527,12 @@ def test_bridge_data_dir_and_init_sparse_are_checked_against_the_dense_model(tmp
     assert (tmp_path / "ok" / "ckpt.pt").exists()
 
 
+def test_a_diverging_bridge_run_stops_without_saving(tmp_path, tiny_dense):
+    with pytest.raises(UserError, match=r"training diverged: loss nan at step \d.*no checkpoint was written"):
+        bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, learning_rate=1e30))
+    assert not (tmp_path / "b" / "ckpt.pt").exists()
+
+
 def test_bridge_steer_channel_below_minus_1_is_refused(tmp_path):
     args = ["--d_model=32", f"--out_dir={tmp_path / 'w'}"]
     with pytest.raises(UserError, match=r"--steer_channel=-7 must be a channel \(0 and up\) or -1"):
