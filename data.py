@@ -201,8 +201,11 @@ def prepare(cfg=DataConfig(), verbose=True):
     splitter, chunks = regex.compile(SPLIT_PATTERN), Counter()
     for p in train_files[::stride]:
         chunks.update(splitter.findall(read_text(p)))
-    ranks_path = os.path.join(folder, "tokenizer.tiktoken")
-    write_ranks(train_bpe(chunks), ranks_path)
+    ranks, ranks_path = train_bpe(chunks), os.path.join(folder, "tokenizer.tiktoken")
+    if len(ranks) != VOCAB_SIZE - 1:   # too few distinct pairs left to merge
+        raise UserError(f"data_dir={data_dir} holds too little text to train a {VOCAB_SIZE}-token tokenizer "
+                        f"({len(ranks) + 1} learned): give a folder with more .py files")
+    write_ranks(ranks, ranks_path)
     enc = make_encoding(ranks_path)
     if verbose:
         print(f"data: {len(files)} files in {data_dir}; tokenizer trained in {time.time() - t0:.1f}s")

@@ -288,7 +288,7 @@ def print_table(c, models):
     print(f"{'task':<28} {'sparse edges':>12} {'dense edges':>12} {'ratio':>7}")
     for r in c["rows"]:
         print(f"{r['task']:<28} {r['sparse_edges']:>12} {r['dense_edges']:>12} "
-              f"{r['dense_edges'] / max(1, r['sparse_edges']):>7.1f}")
+              f"{max(1, r['dense_edges']) / max(1, r['sparse_edges']):>7.1f}")   # an empty circuit counts as 1, as in geomean
     print(f"{'geometric mean':<28} {c['geomean_sparse']:>12.1f} {c['geomean_dense']:>12.1f} {c['ratio']:>7.1f}")
     print(f"val loss: sparse {models[c['sparse']]['val_loss']:.4f} | dense "
           f"{models[c['matched_dense']]['val_loss']:.4f}; {len(c['rows'])} task(s)")

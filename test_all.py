@@ -388,9 +388,14 @@ def test_bpe_training_on_a_toy_corpus():
     assert ranks[b"aa"] == 256 and ranks[b"ab"] == 257 and len(ranks) == 258
 
 
-def test_data_dir_without_py_files_is_a_user_error(tmp_path):
+def test_data_dir_without_py_files_or_with_too_little_text_is_a_user_error(tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a.py").write_text("x = 1\n")
+    with pytest.raises(UserError, match=r"data_dir=.*small holds too little text to train a 2048-token tokenizer"):
+        data.prepare(data.DataConfig(data_dir=str(tmp_path / "small"), cache_dir=str(tmp_path / "cache")), verbose=False)
+    (tmp_path / "none").mkdir()
     with pytest.raises(UserError, match="holds no .py files"):
-        data.prepare(data.DataConfig(data_dir=str(tmp_path)))
+        data.prepare(data.DataConfig(data_dir=str(tmp_path / "none")))
 
 
 def test_a_dangling_link_is_skipped_and_a_lost_data_folder_is_named(tmp_path):
