@@ -260,7 +260,9 @@ def sparsity_report(model, frac):
 
 
 def check_finite(loss, step, ckpt_path, saved_step):
-    """A diverged run stops rather than save a nan model over the last good one."""
+    """A diverged run stops rather than save a nan model over the last good one. Checked on the
+    evaluation's losses, which every DDP rank computes alike (same weights, same batches), so all
+    ranks stop together."""
     if not math.isfinite(loss):
         kept = f"{ckpt_path} keeps step {saved_step}" if saved_step else "no checkpoint was written"
         raise UserError(f"training diverged: loss {loss} at step {step} (try a lower --learning_rate); {kept}")
@@ -400,13 +402,11 @@ def train(cfg):
         done = step + 1
         if done % cfg.log_interval == 0 or done == stop:
             dt, t_log, steps_since = (time.time() - t_log) / (done - steps_since), time.time(), done
-            loss_now = loss_sum.item()
-            check_finite(loss_now, done, ckpt_path, saved_step)
-            log(f"step {done:5d} | loss {loss_now:.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
+            log(f"step {done:5d} | loss {loss_sum.item():.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
                 f"{tokens_per_step / dt:7.0f} tok/s | {dt * 1000:6.1f} ms/step")
         if done % cfg.eval_interval == 0 or done == stop:
             losses = estimate_loss(raw, {"train": train_tokens, "val": val_tokens}, cfg, autocast)
-            check_finite(losses["train"] + losses["val"], done, ckpt_path, saved_step)
+            check_finite(losses["train"] + losses["val"], done, ckpt_path, saved_step)   # the same on every DDP rank
             line = f"eval {done}: train {losses['train']:.4f} | val {losses['val']:.4f}"
             if task_prompts:   # the behaviour pruning needs, watched as it is learned
                 losses["task"], losses["task_acc"] = tasks.evaluate(raw, task_prompts, cfg.device)
