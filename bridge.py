@@ -39,8 +39,8 @@ import data
 import tasks
 from config import UserError, as_arg, parse_args, resolve_device, run_main
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint
-from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, check_finite, estimate_loss, make_optimizer,
-                   optimizer_step, resumed_config, save_checkpoint)
+from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, check_finite, estimate_loss, is_dense,
+                   make_optimizer, optimizer_step, resumed_config, save_checkpoint)
 
 
 TRAIN_ONLY_KEYS = ("preset", "compile", "abstopk_by", "gradient_accumulation_steps", "sample_tokens", "eval_task")
@@ -203,11 +203,6 @@ def print_eval(ev, log=print):
 # -----------------------------------------------------------------------------
 # loading, with the checks that the two models can be bridged
 
-def is_dense(train_config):
-    """A dense model, by its saved train.py settings: no weight sparsity, no AbsTopK (README's dense twin)."""
-    return train_config.get("l0_frac", 1.0) >= 1.0 and train_config.get("afrac", 1.0) >= 1.0
-
-
 def load_dense(path, device):
     ckpt = load_checkpoint(path, device)
     tc = ckpt.get("train_config", {})
@@ -269,6 +264,7 @@ def train_step(sparse, dense, bridges, optimizer, bridge_opt, x, y, step, cfg):
 
 
 def train_bridges(cfg):
+    settings = dataclasses.asdict(cfg)   # as asked: saved with the checkpoint (train.save_checkpoint)
     cfg.device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     dense, dense_ckpt = load_dense(cfg.dense, cfg.device)
@@ -313,7 +309,7 @@ def train_bridges(cfg):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+        json.dump(settings, f, indent=1)
     print(f"dense {cfg.dense}: d_model {dense.config.d_model}; sparse: d_model {sparse.config.d_model}, "
           f"L0 {cfg.l0_frac:g}, AbsTopK {cfg.afrac:g}; {len(bridges.sites)} bridge sites")
 
@@ -332,7 +328,7 @@ def train_bridges(cfg):
             ev = evaluate_bridges(sparse, dense, bridges, val_tokens, cfg)
             check_finite(ev["sparse_val_loss"], done, ckpt_path, saved_step)
             print_eval(ev)
-            save_checkpoint(ckpt_path, sparse, optimizer, None, done, cfg,
+            save_checkpoint(ckpt_path, sparse, optimizer, None, done, settings,
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
                              "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder})

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 
 import data
 import prune
-from bridge import is_dense
 from config import UserError, check_out_dir, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
 from draw import SVG_HEAD, line, text
 from sparse_gpt import load_checkpoint
 from tasks import TASKS, evaluate, get_task, load_model, make_prompts
+from train import is_dense
 
 
 @dataclass
@@ -110,17 +110,14 @@ def model_names(cfg):
 
 def check_models(sparse_paths, dense_paths):
     """Each model in its role, read from its saved settings before any model is evaluated: --sparse
-    weight-sparse, --dense dense (bridge.py's rule), no bridge.py checkpoint, and one data_dir for all
-    (one tokenizer, one validation set). A setting a checkpoint does not record is not judged."""
+    weight-sparse, --dense dense (train.is_dense), and one data_dir for all (one tokenizer, one
+    validation set). A setting a checkpoint does not record is not judged."""
     data_dirs = {}
     for kind, path in [("sparse", p) for p in sparse_paths] + [("dense", p) for p in dense_paths]:
-        ckpt = load_checkpoint(path)
-        tc = ckpt.get("train_config", {})
-        if "bridges" in ckpt or "dense" in tc:
-            raise UserError(f"--{kind}={path} is a bridge.py checkpoint; headline.py compares train.py models")
+        tc = load_checkpoint(path).get("train_config", {})
         if kind == "sparse" and tc.get("l0_frac", 0.0) >= 1.0:
-            raise UserError(f"--sparse={path} is a dense model (l0_frac={tc['l0_frac']}); give a weight-sparse one "
-                            "(trained with --l0_frac < 1)")
+            raise UserError(f"--sparse={path} is not weight-sparse (l0_frac={tc['l0_frac']}); give a model "
+                            "trained with --l0_frac < 1")
         if kind == "dense" and not is_dense(tc):
             raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
                             "give a dense one (trained with --l0_frac=1 --afrac=1)")

@@ -308,7 +308,7 @@ def test_config_parsing_and_bad_values(capsys):
                        ("--beta2=1", r"beta2=1.0 is outside \[0, 1\)"), ("--eps=0", "eps=0.0 must be positive"),
                        ("--weight_decay=inf", "weight_decay=inf must be at least 0 and finite"),
                        ("--warmup_frac=nan", "warmup_frac=nan is outside"), ("--min_per_channel=-1", "must not be negative"),
-                       ("--seed=-1", r"seed=-1 is outside \[0, 2\*\*63\)"), (f"--seed={2**64}", "is outside")]:
+                       (f"--seed={2**63}", r"seed=9223372036854775808 is outside \[-2\*\*63, 2\*\*63\)")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args([bad, "--out_dir=out/never"])
 
@@ -402,6 +402,8 @@ def test_a_dangling_link_is_skipped_and_a_lost_data_folder_is_named(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").symlink_to(tmp_path / "gone.py")
     assert data.list_py_files(str(tmp_path)) == [str(tmp_path / "a.py")]
+    (tmp_path / "alias").symlink_to(tmp_path)                  # one folder by two names is one data_dir
+    assert data.same_data_dir(str(tmp_path / "alias"), str(tmp_path)) and not data.same_data_dir(str(tmp_path), "")
     lost = {"data": str(tmp_path / "cache"), "train_config": {"data_dir": str(tmp_path / "moved")}}
     with pytest.raises(UserError, match=r"data folder .*cache is gone, and so is data_dir=.*moved, the folder"):
         data.data_folder(lost)
@@ -488,11 +490,14 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
 def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, corpus):
     train.train(tiny_train_config(tmp_path / "cut", stop_iter=3))
     resume = [f"--out_dir={tmp_path / 'cut'}", "--resume=True"]
-    assert train.config_from_args(resume).device == "auto"            # saved "cpu": this machine chooses again
+    saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["train_config"]
+    assert saved["device"] == "auto" and train.config_from_args(resume).device == "auto"   # as asked, not "cpu"
     assert train.config_from_args(resume + [f"--data_dir={data.default_data_dir()}"])   # "" is the stdlib
+    assert train.config_from_args(resume + ["--preset=cpu"]).preset == "cpu"            # its own preset
     for extra, words in [([f"--data_dir={HERE}"], "differs from the one .* trained on .*the standard library.*tokenizer"),
-                         (["--preset=cpu45"], "a resumed run keeps its saved settings"),
-                         (["--stop_iter=3"], "already at step 3; nothing to do up to step 3")]:
+                         (["--preset=cpu45"], "is a cpu run, and a resumed run keeps its saved settings .choose the run by --out_dir"),
+                         (["--stop_iter=3"], "already at step 3; nothing to do up to --stop_iter=3"),
+                         (["--max_iters=3"], "already at step 3; nothing to do up to max_iters=3")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args(resume + extra)
     fake = tmp_path / "bridge"
@@ -502,11 +507,24 @@ def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, cor
         train.config_from_args([f"--out_dir={fake}", "--resume=True"])
 
 
-def test_a_diverging_run_stops_without_saving_a_nan_model(tmp_path, corpus):
+def test_a_diverging_run_stops_without_saving_a_nan_model(tmp_path, corpus, monkeypatch):
     with pytest.raises(UserError, match=r"training diverged: loss nan at step \d.*no checkpoint was written"):
         train.train(tiny_train_config(tmp_path / "blowup", learning_rate=1e30))
     assert not (tmp_path / "blowup" / "ckpt.pt").exists()
-    cfg = tiny_train_config(tmp_path / "seed", seed=1_700_000_000)    # a timestamp as seed: batches still drawn
+    real = train.estimate_loss
+    calls = []                                   # the second evaluation (step 6) sees a nan: step 3 is kept
+
+    def nan_at_second(*args):
+        calls.append(1)
+        return {name: (math.nan if len(calls) == 2 else loss) for name, loss in real(*args).items()}
+    monkeypatch.setattr(train, "estimate_loss", nan_at_second)
+    with pytest.raises(UserError, match=r"loss nan at step 6 .*ckpt.pt keeps step 3$"):
+        train.train(tiny_train_config(tmp_path / "late"))
+    assert torch.load(tmp_path / "late" / "ckpt.pt", weights_only=False)["step"] == 3
+
+
+def test_a_seed_as_large_as_a_timestamp_still_draws_batches():
+    cfg = tiny_train_config("out/never", seed=1_700_000_000)
     x, y = train.batch_for(torch.arange(1000), 5, 0, cfg)
     assert x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
 
@@ -1440,7 +1458,10 @@ def test_prune_refuses_bad_optimizer_and_search_settings():
              (dict(bisect_se=float("nan")), r"--bisect_se=nan must be finite"),
              (dict(bisect_se=float("inf")), r"--bisect_se=inf must be finite"),
              (dict(target_loss=float("nan")), r"--target_loss=nan must be positive and finite"),
-             (dict(target_loss=0.0), r"--target_loss=0.0 must be positive")]
+             (dict(target_loss=0.0), r"--target_loss=0.0 must be positive"),
+             (dict(tau_std=float("nan")), r"--tau_std=nan must be finite and not negative"),
+             (dict(tau_init=2.0), r"--tau_init=2.0 is outside \[-1, 1\]"),
+             (dict(seed=2**64), r"--seed=18446744073709551616 is outside")]
     for kw, words in cases:
         with pytest.raises(UserError, match=words):
             prune.PruneConfig(**kw)
@@ -1476,21 +1497,16 @@ def save_model(path, **train_config):
 def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_path, monkeypatch):
     sparse = save_model(tmp_path / "sparse" / "ckpt.pt", l0_frac=0.25, afrac=0.25)
     dense = save_model(tmp_path / "dense" / "ckpt.pt", l0_frac=1.0, afrac=1.0)
-    bridged = save_model(tmp_path / "bridge" / "ckpt.pt", l0_frac=0.25, afrac=0.25, dense=dense)
     other_data = save_model(tmp_path / "other" / "ckpt.pt", l0_frac=1.0, afrac=1.0, data_dir=str(tmp_path))
     stdlib = save_model(tmp_path / "stdlib" / "ckpt.pt", l0_frac=1.0, afrac=1.0, data_dir=data.default_data_dir())
-    with_bridges = tmp_path / "with_bridges.pt"
-    torch.save({**torch.load(sparse, weights_only=False), "bridges": {}}, with_bridges)
 
     def reached(path, device):                     # past the checks: the first model is loaded to be evaluated
         raise UserError("reached load")
     monkeypatch.setattr(headline, "load", reached)
     out = tmp_path / "h"
     cases = [(sparse, dense, "reached load"), (sparse, stdlib, "reached load"),   # "" and the stdlib's path agree
-             (dense, sparse, rf"--sparse={dense} is a dense model \(l0_frac=1.0\)"),
+             (dense, sparse, rf"--sparse={dense} is not weight-sparse \(l0_frac=1.0\)"),
              (sparse, sparse, rf"--dense={sparse} is a sparse model \(l0_frac=0.25, afrac=0.25\)"),
-             (sparse, f"{dense},{bridged}", rf"--dense={bridged} is a bridge.py checkpoint"),
-             (with_bridges, dense, "is a bridge.py checkpoint"),
              (sparse, f"{dense},{other_data}", rf"{other_data} was trained on data_dir={tmp_path} but {sparse} on "
                                                "the standard library")]
     for s, d, words in cases:
@@ -1498,7 +1514,7 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
             headline.main([f"--sparse={s}", f"--dense={d}", f"--out_dir={out}", "--device=cpu"])
     assert not out.exists()
     line = one_line_error(["headline.py", f"--sparse={dense}", f"--dense={sparse}", f"--out_dir={out}"])
-    assert "is a dense model" in line and not out.exists()                      # swapped roles: nothing written
+    assert "is not weight-sparse" in line and not out.exists()                      # swapped roles: nothing written
 
 # -----------------------------------------------------------------------------
 # bridge.py
@@ -1532,10 +1548,19 @@ def test_bridge_data_dir_and_init_sparse_are_checked_against_the_dense_model(tmp
     assert (tmp_path / "ok" / "ckpt.pt").exists()
 
 
-def test_a_diverging_bridge_run_stops_without_saving(tmp_path, tiny_dense):
+def test_a_diverging_bridge_run_stops_without_saving(tmp_path, tiny_dense, monkeypatch):
     with pytest.raises(UserError, match=r"training diverged: loss nan at step \d.*no checkpoint was written"):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, learning_rate=1e30))
     assert not (tmp_path / "b" / "ckpt.pt").exists()
+    real, calls = bridge.estimate_loss, []       # the second evaluation (step 6) sees a nan: step 3 is kept
+
+    def nan_at_second(*args):
+        calls.append(1)
+        return {name: (math.nan if len(calls) >= 3 else loss) for name, loss in real(*args).items()}
+    monkeypatch.setattr(bridge, "estimate_loss", nan_at_second)   # called twice per evaluation: sparse, dense
+    with pytest.raises(UserError, match=r"loss nan at step 6 .*ckpt.pt keeps step 3$"):
+        bridge.train_bridges(tiny_bridge_config(tmp_path / "late", tiny_dense, max_iters=6))
+    assert torch.load(tmp_path / "late" / "ckpt.pt", weights_only=False)["step"] == 3
 
 
 def test_bridge_steer_channel_below_minus_1_is_refused(tmp_path):

@@ -111,8 +111,8 @@ class TrainConfig:
         for key in ("min_per_channel", "sample_tokens"):
             if getattr(self, key) < 0:
                 raise UserError(f"--{key}={getattr(self, key)} must not be negative")
-        if not 0 <= self.seed < 2**63:   # torch's generators take 64 bits
-            raise UserError(f"--seed={self.seed} is outside [0, 2**63)")
+        if not -2**63 <= self.seed < 2**63:   # torch's generators take 64 bits
+            raise UserError(f"--seed={self.seed} is outside [-2**63, 2**63)")
         for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                     "block_size", "gradient_accumulation_steps"):
             if getattr(self, key) <= 0:
@@ -259,6 +259,11 @@ def sparsity_report(model, frac):
     return exact, params, fewest
 
 
+def is_dense(train_config):
+    """A dense model, by its saved settings: no weight sparsity, no AbsTopK (the dense twin)."""
+    return train_config.get("l0_frac", 1.0) >= 1.0 and train_config.get("afrac", 1.0) >= 1.0
+
+
 def check_finite(loss, step, ckpt_path, saved_step):
     """A diverged run stops rather than save a nan model over the last good one. Checked on the
     evaluation's losses, which every DDP rank computes alike (same weights, same batches), so all
@@ -268,11 +273,12 @@ def check_finite(loss, step, ckpt_path, saved_step):
         raise UserError(f"training diverged: loss {loss} at step {step} (try a lower --learning_rate); {kept}")
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, cfg, extra):
-    """Atomic: write a temp file, then rename over the old checkpoint."""
+def save_checkpoint(path, model, optimizer, scaler, step, settings, extra):
+    """Atomic: write a temp file, then rename over the old checkpoint. settings: the run's, as asked
+    (device "auto", not the device it resolved to here), so a resume chooses as the run did."""
     ckpt = {"format": "sparse-circuits/1", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
-            "train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config), **extra}
+            "train_config": settings, "model_config": dataclasses.asdict(model.config), **extra}
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -285,8 +291,8 @@ def preset_asked(argv):
 
 def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
     """The checkpoint's saved settings as the base, then --key=value; fixed_keys (what shapes the
-    loaded tensors) may not change. The device is this machine's choice again (auto unless given)."""
-    base = cls(**{**saved["train_config"], "resume": True, "stop_iter": 0, "device": "auto"})
+    loaded tensors) may not change."""
+    base = cls(**{**saved["train_config"], "resume": True, "stop_iter": 0})
     cfg = parse_args(cls, argv, base=base)
     changed = [k for k in fixed_keys if getattr(cfg, k) != getattr(base, k)]
     if changed:
@@ -307,17 +313,17 @@ def config_from_args(argv):
         if "train_config" not in saved or "dense" in saved["train_config"]:
             raise UserError(f"{ckpt_path} is not a train.py checkpoint" + (" (bridge.py's: resume it with "
                             "bridge.py --resume=True)" if "train_config" in saved else " (no train_config)"))
-        if preset_asked(argv):
-            raise UserError(f"--preset={preset_asked(argv)} with --resume=True: a resumed run keeps its saved "
-                            "settings; change single ones with --key=value")
+        if preset_asked(argv) not in (None, saved["train_config"].get("preset")):
+            raise UserError(f"--preset={preset_asked(argv)}: {ckpt_path} is a {saved['train_config'].get('preset')} run, "
+                            "and a resumed run keeps its saved settings (choose the run by --out_dir)")
         cfg = resumed_config(TrainConfig, argv, saved, MODEL_KEYS, ckpt_path)
         if not data.same_data_dir(cfg.data_dir, saved["train_config"]["data_dir"]):
             raise UserError(f"--data_dir={cfg.data_dir} differs from the one {ckpt_path} trained on "
                             f"({saved['train_config']['data_dir'] or 'the standard library'}), whose tokenizer "
                             "the model's embeddings are in; start a new run in another --out_dir")
         if saved["step"] >= (cfg.stop_iter or cfg.max_iters):
-            raise UserError(f"{ckpt_path} is already at step {saved['step']}; nothing to do up to step "
-                            f"{cfg.stop_iter or cfg.max_iters} (raise --max_iters to train on)")
+            limit = f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters}"
+            raise UserError(f"{ckpt_path} is already at step {saved['step']}; nothing to do up to {limit}")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
     return cfg
@@ -328,6 +334,7 @@ def config_from_args(argv):
 def train(cfg):
     """Train (or resume) per cfg; returns [(step, train loss)] of the steps this call ran."""
     ddp = int(os.environ.get("RANK", -1)) != -1
+    settings = dataclasses.asdict(cfg)   # as asked: saved with the checkpoint
     cfg.device = resolve_device(cfg.device)
     rank, world = 0, 1
     if ddp:
@@ -368,7 +375,7 @@ def train(cfg):
     elif master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     if master:
-        write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+        write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(settings, indent=1))
     n_sparse = sum(p.numel() for _, p in model.sparse_params())
     log(f"model: {model.num_params():,} parameters, {n_sparse:,} sparsifiable; target L0 {cfg.l0_frac:g}, "
         f"AbsTopK {cfg.afrac:g}; {world} process(es) on {cfg.device}")
@@ -418,7 +425,7 @@ def train(cfg):
                 sample = raw.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=50)
                 log("sample: " + repr(enc.decode(sample[0].tolist()))[:400])
             if master:
-                save_checkpoint(ckpt_path, raw, optimizer, scaler, done, cfg,
+                save_checkpoint(ckpt_path, raw, optimizer, scaler, done, settings,
                                 {"val_loss": losses["val"], "task_loss": losses.get("task"), "data": folder})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
