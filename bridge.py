@@ -303,7 +303,8 @@ def train_bridges(cfg):
         bridge_opt.load_state_dict(ckpt["bridge_optimizer"])
         start = ckpt["step"]
         if start >= stop:
-            raise UserError(f"{ckpt_path} is already at step {start}; nothing to do up to step {stop}")
+            limit = f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters} (raise it to train on)"
+            raise UserError(f"{ckpt_path} is already at step {start}; nothing to do up to {limit}")
         print(f"resuming {ckpt_path} at step {start}")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")

@@ -490,10 +490,23 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
 def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, corpus):
     train.train(tiny_train_config(tmp_path / "cut", stop_iter=3))
     resume = [f"--out_dir={tmp_path / 'cut'}", "--resume=True"]
-    saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["train_config"]
-    assert saved["device"] == "auto" and train.config_from_args(resume).device == "auto"   # as asked, not "cpu"
+    ckpt = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    with open(tmp_path / "cut" / "config.json") as f:
+        assert ckpt["train_config"]["device"] == json.load(f)["device"] == "auto"        # as asked, not "cpu"
+    assert train.config_from_args(resume).device == "auto"
+    train.train(tiny_train_config(tmp_path / "on_cpu", stop_iter=3, device="cpu"))
+    assert train.config_from_args([f"--out_dir={tmp_path / 'on_cpu'}", "--resume=True"]).device == "cpu"   # stays
+    torch.save({**ckpt, "train_config": {**ckpt["train_config"], "device": "cuda"}}, tmp_path / "cut" / "ckpt.pt")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"CUDA is not available.*ckpt.pt was run with --device=cuda; --device=auto"):
+            train.config_from_args(resume)
+    torch.save({**ckpt, "format": "sparse-circuits/1", "train_config": {**ckpt["train_config"], "device": "cuda"}},
+               tmp_path / "cut" / "ckpt.pt")                 # an older checkpoint saved the device it resolved to
+    assert train.config_from_args(resume).device == "auto"
+    torch.save(ckpt, tmp_path / "cut" / "ckpt.pt")
     assert train.config_from_args(resume + [f"--data_dir={data.default_data_dir()}"])   # "" is the stdlib
     assert train.config_from_args(resume + ["--preset=cpu"]).preset == "cpu"            # its own preset
+    assert train.config_from_args(resume + ["--seed=-1"]).seed == -1 and prune.PruneConfig(seed=-1).seed == -1
     for extra, words in [([f"--data_dir={HERE}"], "differs from the one .* trained on .*the standard library.*tokenizer"),
                          (["--preset=cpu45"], "is a cpu run, and a resumed run keeps its saved settings .choose the run by --out_dir"),
                          (["--stop_iter=3"], "already at step 3; nothing to do up to --stop_iter=3"),
@@ -1366,6 +1379,7 @@ def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the
     not_default = dict(max_iters=4, eval_interval=2, learning_rate=1e-2, bridge_lr=1e-2, coef_kl_sd=0.5)
     full = bridge.train_bridges(tiny_bridge_config(tmp_path / "full", tiny_dense, **not_default))
     bridge.train_bridges(tiny_bridge_config(tmp_path / "cut", tiny_dense, stop_iter=2, **not_default))
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["train_config"]["device"] == "auto"   # as asked
     args = [f"--out_dir={tmp_path / 'cut'}", "--resume=True"]
     cfg = bridge.config_from_args(args)                               # nothing repeated on the command line
     assert (cfg.learning_rate, cfg.bridge_lr, cfg.coef_kl_sd, cfg.d_model, cfg.dense) == (1e-2, 1e-2, 0.5, 32, tiny_dense)
@@ -1378,7 +1392,8 @@ def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the
     torch.save(old, tmp_path / "cut" / "ckpt.pt")
     assert bridge.config_from_args(args).eval_task == ""              # resumes, with bridge.py's own values
     for extra, words in ((["--d_model=64"], r"cannot change the model or bridge shape \(d_model\)"),
-                         (["--bridge_afrac=0.5"], r"bridge shape \(bridge_afrac\)"), ([], "already at step 4")):
+                         (["--bridge_afrac=0.5"], r"bridge shape \(bridge_afrac\)"),
+                         ([], r"already at step 4; nothing to do up to max_iters=4 \(raise it")):
         with pytest.raises(UserError, match=words):
             bridge.train_bridges(bridge.config_from_args(args + extra))
 
@@ -1461,7 +1476,8 @@ def test_prune_refuses_bad_optimizer_and_search_settings():
              (dict(target_loss=0.0), r"--target_loss=0.0 must be positive"),
              (dict(tau_std=float("nan")), r"--tau_std=nan must be finite and not negative"),
              (dict(tau_init=2.0), r"--tau_init=2.0 is outside \[-1, 1\]"),
-             (dict(seed=2**64), r"--seed=18446744073709551616 is outside")]
+             (dict(seed=2**64), r"--seed=18446744073709551616 is outside"),
+             (dict(seed=-2**63 - 1), r"--seed=-9223372036854775809 is outside")]
     for kw, words in cases:
         with pytest.raises(UserError, match=words):
             prune.PruneConfig(**kw)
@@ -1497,6 +1513,7 @@ def save_model(path, **train_config):
 def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_path, monkeypatch):
     sparse = save_model(tmp_path / "sparse" / "ckpt.pt", l0_frac=0.25, afrac=0.25)
     dense = save_model(tmp_path / "dense" / "ckpt.pt", l0_frac=1.0, afrac=1.0)
+    bridged = save_model(tmp_path / "bridge" / "ckpt.pt", l0_frac=0.25, afrac=0.25, dense=dense)   # bridge.py's
     other_data = save_model(tmp_path / "other" / "ckpt.pt", l0_frac=1.0, afrac=1.0, data_dir=str(tmp_path))
     stdlib = save_model(tmp_path / "stdlib" / "ckpt.pt", l0_frac=1.0, afrac=1.0, data_dir=data.default_data_dir())
 
@@ -1505,6 +1522,7 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
     monkeypatch.setattr(headline, "load", reached)
     out = tmp_path / "h"
     cases = [(sparse, dense, "reached load"), (sparse, stdlib, "reached load"),   # "" and the stdlib's path agree
+             (bridged, dense, "reached load"),                                    # a bridge-trained sparse model
              (dense, sparse, rf"--sparse={dense} is not weight-sparse \(l0_frac=1.0\)"),
              (sparse, sparse, rf"--dense={sparse} is a sparse model \(l0_frac=0.25, afrac=0.25\)"),
              (sparse, f"{dense},{other_data}", rf"{other_data} was trained on data_dir={tmp_path} but {sparse} on "

@@ -273,10 +273,13 @@ def check_finite(loss, step, ckpt_path, saved_step):
         raise UserError(f"training diverged: loss {loss} at step {step} (try a lower --learning_rate); {kept}")
 
 
+CHECKPOINT_FORMAT = "sparse-circuits/2"   # /1 saved the device resolved, not as asked
+
+
 def save_checkpoint(path, model, optimizer, scaler, step, settings, extra):
     """Atomic: write a temp file, then rename over the old checkpoint. settings: the run's, as asked
     (device "auto", not the device it resolved to here), so a resume chooses as the run did."""
-    ckpt = {"format": "sparse-circuits/1", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "train_config": settings, "model_config": dataclasses.asdict(model.config), **extra}
     torch.save(ckpt, path + ".tmp")
@@ -292,8 +295,16 @@ def preset_asked(argv):
 def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
     """The checkpoint's saved settings as the base, then --key=value; fixed_keys (what shapes the
     loaded tensors) may not change."""
-    base = cls(**{**saved["train_config"], "resume": True, "stop_iter": 0})
+    settings = saved["train_config"]
+    if saved.get("format") != CHECKPOINT_FORMAT:   # an older one: its device was resolved, auto is likelier
+        settings = {**settings, "device": "auto"}
+    base = cls(**{**settings, "resume": True, "stop_iter": 0})
     cfg = parse_args(cls, argv, base=base)
+    if not any(a.startswith("--device=") for a in argv):
+        try:
+            resolve_device(cfg.device)
+        except UserError as e:   # the saved device, which this machine may lack
+            raise UserError(f"{e} ({ckpt_path} was run with --device={cfg.device}; --device=auto picks this machine's)")
     changed = [k for k in fixed_keys if getattr(cfg, k) != getattr(base, k)]
     if changed:
         raise UserError(f"--resume cannot change the model or bridge shape ({', '.join(changed)}) of {ckpt_path}")
@@ -322,7 +333,7 @@ def config_from_args(argv):
                             f"({saved['train_config']['data_dir'] or 'the standard library'}), whose tokenizer "
                             "the model's embeddings are in; start a new run in another --out_dir")
         if saved["step"] >= (cfg.stop_iter or cfg.max_iters):
-            limit = f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters}"
+            limit = f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters} (raise it to train on)"
             raise UserError(f"{ckpt_path} is already at step {saved['step']}; nothing to do up to {limit}")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
