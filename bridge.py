@@ -448,7 +448,10 @@ def steer(cfg):
 
 def main(argv):
     cfg = config_from_args(argv)
-    print("settings: " + json.dumps(dataclasses.asdict(cfg)))
+    settings = dataclasses.asdict(cfg)
+    if cfg.steer:   # it reads the rest from the bridge checkpoint: print only what it uses
+        settings = {k: v for k, v in settings.items() if k.startswith("steer") or k in ("out_dir", "device", "seed")}
+    print("settings: " + json.dumps(settings))
     if cfg.steer:
         steer(cfg)
     else:

@@ -148,8 +148,12 @@ def main(argv):
     missing = [k for k in RECORD_KEYS if k not in rec] if isinstance(rec, dict) else list(RECORD_KEYS)
     if missing:
         raise UserError(f"{cfg.circuit} is not a circuit record of prune.py (no {', '.join(missing)})")
+    try:
+        pictures = circuit_svg(rec), curve_svg(rec)
+    except (TypeError, KeyError, IndexError, ValueError) as e:   # a record edited by hand, or truncated
+        raise UserError(f"{cfg.circuit} is a damaged circuit record ({type(e).__name__}: {e})")
     base = os.path.splitext(cfg.circuit)[0]
-    for path, svg in ((base + ".svg", circuit_svg(rec)), (base + "_loss.svg", curve_svg(rec))):
+    for path, svg in zip((base + ".svg", base + "_loss.svg"), pictures):
         write_atomic(path, svg)
         print(f"wrote {path}")
 

@@ -979,6 +979,15 @@ def test_record_round_trips_through_json_and_rebuilds_the_same_circuit(tmp_path,
     assert sum(1 for l in svg.findall(f"{ns}line") if l.find(f"{ns}title") is not None) == rec["n_edges"]
     curve = ET.parse(base + "_loss.svg").getroot()
     assert len(curve.findall(f"{ns}circle")) == 3 and curve.find(f"{ns}polyline") is not None
+    pictures = [open_text(base + ext) for ext in (".svg", "_loss.svg")]
+    os.remove(base + ".svg")
+    draw.main([f"--circuit={base}.json"])                             # draw.py redraws both from the record
+    assert [open_text(base + ext) for ext in (".svg", "_loss.svg")] == pictures
+    for damage in ({"nodes": None}, {"curve": []}, {"losses": {}}):   # edited by hand: one line, not a traceback
+        with open(base + ".json", "w") as f:
+            json.dump({**loaded, **damage}, f)
+        with pytest.raises(UserError, match=r"for_while.json is a damaged circuit record \((TypeError|KeyError|IndexError|ValueError)"):
+            draw.main([f"--circuit={base}.json"])
 
 
 def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, capsys):
@@ -1403,8 +1412,14 @@ def test_steer_leaves_out_prompts_longer_than_the_context_and_refuses_when_a_cla
     for block in (64, 16):
         bridge.train_bridges(tiny_bridge_config(tmp_path / str(block), tiny_dense, block_size=block, max_iters=1))
     steer = dict(steer=True, steer_prompts=8, steer_site="0.resid_mid", steer_controls=1)
-    result = bridge.steer(tiny_bridge_config(tmp_path / "64", tiny_dense, **steer))   # 2 of its 8 prompts are longer
-    assert "note: 2 of 8 prompts are longer than the models' block_size=64" in capsys.readouterr().out
+    capsys.readouterr()
+    bridge.main([f"--out_dir={tmp_path / '64'}", "--steer=True", "--steer_prompts=8", "--steer_site=0.resid_mid",
+                 "--steer_controls=1", "--device=cpu"])                # 2 of its 8 prompts are longer
+    out = capsys.readouterr().out
+    assert "note: 2 of 8 prompts are longer than the models' block_size=64" in out
+    shown = json.loads(out.split("settings: ", 1)[1].splitlines()[0])   # only what steering uses, nothing it ignores
+    assert shown["steer_site"] == "0.resid_mid" and "n_layer" not in shown and "dense" not in shown
+    result = bridge.steer(tiny_bridge_config(tmp_path / "64", tiny_dense, **steer))
     assert all(0.0 <= p <= 1.0 for p in result["edit"])
     with pytest.raises(UserError, match="fits block_size=16"):
         bridge.steer(tiny_bridge_config(tmp_path / "16", tiny_dense, **steer))
