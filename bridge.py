@@ -26,6 +26,7 @@ The result is a normal checkpoint: tasks.py and prune.py read it unchanged.
 
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -87,6 +88,11 @@ class BridgeConfig(TrainConfig):
             raise UserError(f"--steer_prompts={self.steer_prompts} must be even and at least 2 (half of each class)")
         if self.steer_controls < 1:
             raise UserError(f"--steer_controls={self.steer_controls} must be at least 1")
+        for key in ("coef_ce", "coef_nmse", "coef_kl_ds", "coef_kl_sd"):
+            if not 0.0 <= getattr(self, key) < math.inf:   # written so that nan fails too
+                raise UserError(f"--{key}={getattr(self, key)} must be finite and not negative")
+        if not 0.0 < self.bridge_lr < math.inf:
+            raise UserError(f"--bridge_lr={self.bridge_lr} must be positive and finite")
         if self.steer_channel < -1:   # -1 only: another negative number is a typo, not a request for auto
             raise UserError(f"--steer_channel={self.steer_channel} must be a channel (0 and up) or -1 (picked for you)")
 

@@ -81,13 +81,14 @@ class HeadlineConfig:
 
 
 def values_at_least_0(text, kind, key, example):
-    """Comma-separated numbers >= 0 of one kind (float or int), else a one-line UserError."""
+    """Comma-separated numbers in [0, 2**63) of one kind (float or int), else a one-line UserError
+    (2**63 and up: beyond what torch takes as a seed)."""
     try:
         values = [kind(v) for v in text.split(",") if v]
     except ValueError:
         values = []
-    if not values or min(values) < 0:
-        raise UserError(f"--{key}={text!r}: need comma-separated {kind.__name__}s >= 0, e.g. {example}")
+    if not values or min(values) < 0 or max(values) >= 2**63:
+        raise UserError(f"--{key}={text!r}: need comma-separated {kind.__name__}s in [0, 2**63), e.g. {example}")
     return values
 
 

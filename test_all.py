@@ -1087,7 +1087,7 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
             assert r[f"{kind}_edges"] == min(rec["n_edges"] for rec in recs if rec["n_nodes"] is not None)
     for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
                        ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"), ("--prune_seeds=1,x", "--prune_seeds"),
-                       ("--k_coefs=1e-4,x", "--k_coefs")):
+                       ("--k_coefs=1e-4,x", "--k_coefs"), (f"--prune_seeds=0,{2**63}", r"ints in \[0, 2\*\*63\)")):
         with pytest.raises(UserError, match=words):
             headline.main(args + [bad])
 
@@ -1379,7 +1379,9 @@ def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
                        ("--compile=True", "compile=True is a train.py setting that bridge.py does not use"),
                        ("--eval_task=with_as", "eval_task=with_as is a train.py setting"),
                        ("--preset=bogus", "preset=bogus is a train.py setting"),
-                       ("--abstopk_by=radix", "abstopk_by=radix is a train.py setting")):
+                       ("--abstopk_by=radix", "abstopk_by=radix is a train.py setting"),
+                       ("--coef_kl_sd=nan", "coef_kl_sd=nan must be finite and not negative"),
+                       ("--bridge_lr=0", "bridge_lr=0.0 must be positive and finite")):
         with pytest.raises(UserError, match=words):
             bridge.config_from_args([bad, "--d_model=32", f"--out_dir={tmp_path / 'w'}"])
 
