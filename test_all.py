@@ -1469,7 +1469,7 @@ print(threshold, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert faults < 1_000                         # kept: the freed block is reused as it is
 
 # -----------------------------------------------------------------------------
-# bad input to prune.py, headline.py, bridge.py and bench.py: a one-line error before any work
+# bad input to prune.py (and every script's out_dir): a one-line error before any work
 
 def test_every_script_refuses_an_out_dir_that_is_empty_or_a_file():
     for cls in (train.TrainConfig, bridge.BridgeConfig, prune.PruneConfig, headline.HeadlineConfig, bench.BenchConfig):
@@ -1507,7 +1507,7 @@ def test_prune_script_refuses_a_bad_out_dir_before_loading_anything(tmp_path):
     assert "--out_dir is empty" in line and os.listdir(tmp_path) == []
 
 # -----------------------------------------------------------------------------
-# headline.py
+# bad input to headline.py
 
 
 def test_headline_refuses_a_target_it_cannot_meet_and_a_bad_out_dir_up_front(tmp_path):
@@ -1552,7 +1552,7 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
     assert "is not weight-sparse" in line and not out.exists()                      # swapped roles: nothing written
 
 # -----------------------------------------------------------------------------
-# bridge.py
+# bad input to bridge.py
 
 
 def save_init(path, cfg, data_dir, **model_overrides):
@@ -1606,7 +1606,7 @@ def test_bridge_steer_channel_below_minus_1_is_refused(tmp_path):
         assert bridge.config_from_args(args + [f"--steer_channel={ok}"]).steer_channel == ok
 
 # -----------------------------------------------------------------------------
-# bench.py
+# bad input to bench.py
 
 
 def test_bench_refuses_a_batch_of_0_under_its_own_name():
