@@ -26,7 +26,6 @@ The result is a normal checkpoint: tasks.py and prune.py read it unchanged.
 
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 import data
 import tasks
-from config import UserError, as_arg, parse_args, resolve_device, run_main
+from config import UserError, as_arg, check_not_negative, check_positive, parse_args, resolve_device, run_main
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint
 from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, check_finite, estimate_loss, is_dense,
                    make_optimizer, optimizer_step, resumed_config, save_checkpoint)
@@ -89,10 +88,8 @@ class BridgeConfig(TrainConfig):
         if self.steer_controls < 1:
             raise UserError(f"--steer_controls={self.steer_controls} must be at least 1")
         for key in ("coef_ce", "coef_nmse", "coef_kl_ds", "coef_kl_sd"):
-            if not 0.0 <= getattr(self, key) < math.inf:   # written so that nan fails too
-                raise UserError(f"--{key}={getattr(self, key)} must be finite and not negative")
-        if not 0.0 < self.bridge_lr < math.inf:
-            raise UserError(f"--bridge_lr={self.bridge_lr} must be positive and finite")
+            check_not_negative(key, getattr(self, key))
+        check_positive("bridge_lr", self.bridge_lr)
         if self.steer_channel < -1:   # -1 only: another negative number is a typo, not a request for auto
             raise UserError(f"--steer_channel={self.steer_channel} must be a channel (0 and up) or -1 (picked for you)")
 
@@ -307,10 +304,7 @@ def train_bridges(cfg):
         optimizer.load_state_dict(ckpt["optimizer"])
         bridges.load_state_dict(ckpt["bridges"])
         bridge_opt.load_state_dict(ckpt["bridge_optimizer"])
-        start = ckpt["step"]
-        if start >= stop:
-            limit = f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters} (raise it to train on)"
-            raise UserError(f"{ckpt_path} is already at step {start}; nothing to do up to {limit}")
+        start = ckpt["step"]   # below stop: resumed_config refuses a run with nothing left to do
         print(f"resuming {ckpt_path} at step {start}")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")

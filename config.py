@@ -1,6 +1,7 @@
 """
 nanoGPT's `--key=value` overrides, parsed against a settings dataclass (no exec), the one-line
-error every script gives for a user mistake, the atomic write of a text output, and the memory
+error every script gives for a user mistake (and the range checks settings share: check_positive,
+check_not_negative, check_seed, check_out_dir), the atomic write of a text output, and the memory
 allocator setting every script starts with (keep_freed_memory: faster CPU steps).
 
     cfg = parse_args(TrainConfig, sys.argv[1:])   # --help lists the fields and their defaults
@@ -9,6 +10,7 @@ allocator setting every script starts with (keep_freed_memory: faster CPU steps)
 import ctypes
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -71,6 +73,23 @@ def default_of(field):
     if field.default is not dataclasses.MISSING:
         return field.default
     return field.default_factory()
+
+
+def check_positive(key, value):
+    """A setting that must be > 0 and finite; written so that nan fails too."""
+    if not 0.0 < value < math.inf:
+        raise UserError(f"--{key}={value} must be positive and finite")
+
+
+def check_not_negative(key, value):
+    """A setting that must be >= 0 and finite (nan fails)."""
+    if not 0.0 <= value < math.inf:
+        raise UserError(f"--{key}={value} must be finite and not negative")
+
+
+def check_seed(value):
+    if not -2**63 <= value < 2**63:   # torch's generators take 64 bits
+        raise UserError(f"--seed={value} is outside [-2**63, 2**63)")
 
 
 def check_out_dir(key, path):

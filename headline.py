@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import data
 import prune
-from config import UserError, check_out_dir, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
+from config import (UserError, check_out_dir, check_positive, keep_freed_memory, parse_args, resolve_device, run_main,
+                    write_atomic)
 from draw import SVG_HEAD, line, text
 from sparse_gpt import load_checkpoint
 from tasks import TASKS, evaluate, get_task, load_model, make_prompts
@@ -63,8 +64,7 @@ class HeadlineConfig:
         for name in self.tasks.split(","):
             if name:
                 get_task(name)        # an unknown task: a one-line UserError listing the known ones
-        if not 0.0 < self.target_loss < math.inf:   # as prune.py checks it; written so that nan fails too
-            raise UserError(f"--target_loss={self.target_loss} must be positive and finite")
+        check_positive("target_loss", self.target_loss)   # as prune.py checks it
         for key in ("prune_steps", "jobs"):
             if getattr(self, key) <= 0:
                 raise UserError(f"--{key}={getattr(self, key)} must be positive")
@@ -286,7 +286,7 @@ def print_table(c, models):
     print(f"{'task':<28} {'sparse edges':>12} {'dense edges':>12} {'ratio':>7}")
     for r in c["rows"]:
         print(f"{r['task']:<28} {r['sparse_edges']:>12} {r['dense_edges']:>12} "
-              f"{max(1, r['dense_edges']) / max(1, r['sparse_edges']):>7.1f}")   # an empty circuit counts as 1, as in geomean
+              f"{max(1, r['dense_edges']) / max(1, r['sparse_edges']):>7.1f}")   # empty: 1, as in geomean
     print(f"{'geometric mean':<28} {c['geomean_sparse']:>12.1f} {c['geomean_dense']:>12.1f} {c['ratio']:>7.1f}")
     print(f"val loss: sparse {models[c['sparse']]['val_loss']:.4f} | dense "
           f"{models[c['matched_dense']]['val_loss']:.4f}; {len(c['rows'])} task(s)")

@@ -44,7 +44,8 @@ from functools import partial
 import torch
 
 import data
-from config import UserError, check_out_dir, parse_args, resolve_device, run_main, write_atomic
+from config import (UserError, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
+                    resolve_device, run_main, write_atomic)
 from draw import circuit_svg, curve_svg
 from sparse_gpt import ALL_SPARSE_SITES, RMSNorm
 from tasks import TASKS, collate, get_task, load_model, make_prompts, prompt_losses, task_loss
@@ -91,17 +92,14 @@ class PruneConfig:
         if self.ablation not in ("mean", "task_mean", "zero"):
             raise UserError(f"--ablation={self.ablation} is unknown; allowed: mean, task_mean, zero")
         check_out_dir("out_dir", self.out_dir)
-        if not 0.0 < self.target_loss < math.inf:   # written so that nan fails too
-            raise UserError(f"--target_loss={self.target_loss} must be positive and finite")
+        check_positive("target_loss", self.target_loss)
         for key in ("lr", "bisect_se", "k_coef", "weight_decay", "tau_std"):   # lr 0: the masks' gradient, no step
-            if not 0.0 <= getattr(self, key) < math.inf:
-                raise UserError(f"--{key}={getattr(self, key)} must be finite and not negative")
+            check_not_negative(key, getattr(self, key))
         if not 0.0 <= self.beta2 < 1.0:
             raise UserError(f"--beta2={self.beta2} is outside [0, 1)")
         if not -1.0 <= self.tau_init <= 1.0:
             raise UserError(f"--tau_init={self.tau_init} is outside [-1, 1], where the taus are kept")
-        if not -2**63 <= self.seed < 2**63:   # torch's generators take 64 bits
-            raise UserError(f"--seed={self.seed} is outside [-2**63, 2**63)")
+        check_seed(self.seed)
         for key in ("n_train", "n_eval", "n_test", "steps", "batch_size", "mean_batches", "mean_batch_size",
                     "eval_batch_size", "log_interval"):
             value, even = getattr(self, key), key.startswith("n_")   # prompt sets hold half of each class

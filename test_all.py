@@ -306,7 +306,7 @@ def test_config_parsing_and_bad_values(capsys):
                        ("--learning_rate=nan", "learning_rate=nan must be positive and finite"),
                        ("--learning_rate=-1", "learning_rate=-1.0 must be positive"),
                        ("--beta2=1", r"beta2=1.0 is outside \[0, 1\)"), ("--eps=0", "eps=0.0 must be positive"),
-                       ("--weight_decay=inf", "weight_decay=inf must be at least 0 and finite"),
+                       ("--weight_decay=inf", "weight_decay=inf must be finite and not negative"),
                        ("--warmup_frac=nan", "warmup_frac=nan is outside"), ("--min_per_channel=-1", "must not be negative"),
                        (f"--seed={2**63}", r"seed=9223372036854775808 is outside \[-2\*\*63, 2\*\*63\)")]:
         with pytest.raises(UserError, match=words):
@@ -520,17 +520,22 @@ def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, cor
         train.config_from_args([f"--out_dir={fake}", "--resume=True"])
 
 
+def nan_from_call(estimate_loss, first):
+    """estimate_loss whose losses are nan from its first-th call on: a run that diverges later."""
+    calls = []
+
+    def patched(*args):
+        calls.append(1)
+        return {name: (math.nan if len(calls) >= first else loss) for name, loss in estimate_loss(*args).items()}
+    return patched
+
+
 def test_a_diverging_run_stops_without_saving_a_nan_model(tmp_path, corpus, monkeypatch):
     with pytest.raises(UserError, match=r"training diverged: loss nan at step \d.*no checkpoint was written"):
         train.train(tiny_train_config(tmp_path / "blowup", learning_rate=1e30))
     assert not (tmp_path / "blowup" / "ckpt.pt").exists()
-    real = train.estimate_loss
-    calls = []                                   # the second evaluation (step 6) sees a nan: step 3 is kept
-
-    def nan_at_second(*args):
-        calls.append(1)
-        return {name: (math.nan if len(calls) == 2 else loss) for name, loss in real(*args).items()}
-    monkeypatch.setattr(train, "estimate_loss", nan_at_second)
+    # the second evaluation (step 6) sees a nan: step 3 is kept
+    monkeypatch.setattr(train, "estimate_loss", nan_from_call(train.estimate_loss, 2))
     with pytest.raises(UserError, match=r"loss nan at step 6 .*ckpt.pt keeps step 3$"):
         train.train(tiny_train_config(tmp_path / "late"))
     assert torch.load(tmp_path / "late" / "ckpt.pt", weights_only=False)["step"] == 3
@@ -1023,10 +1028,11 @@ def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, 
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, result.stderr)
     assert not (tmp_path / "out").exists()
 
-def save_tiny(path, model, val_loss):
+def save_tiny(path, model, val_loss=3.0, **train_config):
+    """A train.py-like checkpoint of model with the given saved settings (data_dir "" unless given)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "val_loss": val_loss,
-                "train_config": {"data_dir": ""}}, path)
+                "train_config": {"data_dir": "", **train_config}}, path)
     return str(path)
 
 
@@ -1401,7 +1407,7 @@ def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the
     old = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)      # as saved before bridge.py refused
     old["train_config"].update(sample_tokens=48, eval_task="single_double_quote", compile=True)   # train.py's keys
     torch.save(old, tmp_path / "cut" / "ckpt.pt")
-    assert bridge.config_from_args(args).eval_task == ""              # resumes, with bridge.py's own values
+    assert bridge.config_from_args(args + ["--max_iters=6"]).eval_task == ""   # resumes, with bridge.py's own values
     for extra, words in ((["--d_model=64"], r"cannot change the model or bridge shape \(d_model\)"),
                          (["--bridge_afrac=0.5"], r"bridge shape \(bridge_afrac\)"),
                          ([], r"already at step 4; nothing to do up to max_iters=4 \(raise it")):
@@ -1518,21 +1524,13 @@ def test_headline_refuses_a_target_it_cannot_meet_and_a_bad_out_dir_up_front(tmp
     assert "--out_dir is empty" in line and os.listdir(tmp_path) == []   # no circuits/ left here
 
 
-def save_model(path, **train_config):
-    """A tiny train.py-like checkpoint with the given saved settings (data_dir "" unless given)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    model = GPT(tiny_config())
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "val_loss": 3.0,
-                "train_config": {"data_dir": "", **train_config}}, path)
-    return str(path)
-
-
 def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_path, monkeypatch):
-    sparse = save_model(tmp_path / "sparse" / "ckpt.pt", l0_frac=0.25, afrac=0.25)
-    dense = save_model(tmp_path / "dense" / "ckpt.pt", l0_frac=1.0, afrac=1.0)
-    bridged = save_model(tmp_path / "bridge" / "ckpt.pt", l0_frac=0.25, afrac=0.25, dense=dense)   # bridge.py's
-    other_data = save_model(tmp_path / "other" / "ckpt.pt", l0_frac=1.0, afrac=1.0, data_dir=str(tmp_path))
-    stdlib = save_model(tmp_path / "stdlib" / "ckpt.pt", l0_frac=1.0, afrac=1.0, data_dir=data.default_data_dir())
+    model = GPT(tiny_config())
+    sparse = save_tiny(tmp_path / "sparse" / "ckpt.pt", model, l0_frac=0.25, afrac=0.25)
+    dense = save_tiny(tmp_path / "dense" / "ckpt.pt", model, l0_frac=1.0, afrac=1.0)
+    bridged = save_tiny(tmp_path / "bridge" / "ckpt.pt", model, l0_frac=0.25, afrac=0.25, dense=dense)   # bridge.py's
+    other_data = save_tiny(tmp_path / "other" / "ckpt.pt", model, l0_frac=1.0, afrac=1.0, data_dir=str(tmp_path))
+    stdlib = save_tiny(tmp_path / "stdlib" / "ckpt.pt", model, l0_frac=1.0, afrac=1.0, data_dir=data.default_data_dir())
 
     def reached(path, device):                     # past the checks: the first model is loaded to be evaluated
         raise UserError("reached load")
@@ -1555,29 +1553,21 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
 # bad input to bridge.py
 
 
-def save_init(path, cfg, data_dir, **model_overrides):
-    """A checkpoint of the configured sparse model's shape (or another), trained on data_dir."""
-    model = GPT(dataclasses.replace(cfg.model_config(), **model_overrides))
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                "train_config": {"data_dir": data_dir}}, path)
-    return str(path)
-
-
 def test_bridge_data_dir_and_init_sparse_are_checked_against_the_dense_model(tmp_path, tiny_dense):
     cfg = tiny_bridge_config(tmp_path / "b", tiny_dense)
     with pytest.raises(UserError, match="differs from the dense model's ''"):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, data_dir=str(tmp_path)))
-    other = save_init(tmp_path / "other.pt", cfg, str(tmp_path))
+    other = save_tiny(tmp_path / "other.pt", GPT(cfg.model_config()), data_dir=str(tmp_path))
     with pytest.raises(UserError, match=f"--init_sparse={other} was trained on data_dir='{tmp_path}', the dense "
                                         "model on ''"):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, init_sparse=other))
-    shape = save_init(tmp_path / "shape.pt", cfg, "", afrac=1.0, d_head=8)
+    shape = save_tiny(tmp_path / "shape.pt", GPT(dataclasses.replace(cfg.model_config(), afrac=1.0, d_head=8)))
     with pytest.raises(UserError, match=r"another shape than the configured sparse model: d_head 8 \(checkpoint\) "
                                         r"vs 16 \(configured\), afrac 1.0 \(checkpoint\) vs 0.25 \(configured\)$"):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, init_sparse=shape))
     assert not (tmp_path / "b").exists()
     stdlib = data.default_data_dir()                 # the standard library by its path is the default ""
-    ok = save_init(tmp_path / "ok.pt", cfg, stdlib)
+    ok = save_tiny(tmp_path / "ok.pt", GPT(cfg.model_config()), data_dir=stdlib)
     bridge.train_bridges(tiny_bridge_config(tmp_path / "ok", tiny_dense, data_dir=stdlib, init_sparse=ok,
                                             max_iters=1, eval_interval=1))
     assert (tmp_path / "ok" / "ckpt.pt").exists()
@@ -1587,12 +1577,8 @@ def test_a_diverging_bridge_run_stops_without_saving(tmp_path, tiny_dense, monke
     with pytest.raises(UserError, match=r"training diverged: loss nan at step \d.*no checkpoint was written"):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, learning_rate=1e30))
     assert not (tmp_path / "b" / "ckpt.pt").exists()
-    real, calls = bridge.estimate_loss, []       # the second evaluation (step 6) sees a nan: step 3 is kept
-
-    def nan_at_second(*args):
-        calls.append(1)
-        return {name: (math.nan if len(calls) >= 3 else loss) for name, loss in real(*args).items()}
-    monkeypatch.setattr(bridge, "estimate_loss", nan_at_second)   # called twice per evaluation: sparse, dense
+    # the second evaluation (step 6) sees a nan: step 3 is kept (two calls an evaluation: sparse, dense)
+    monkeypatch.setattr(bridge, "estimate_loss", nan_from_call(bridge.estimate_loss, 3))
     with pytest.raises(UserError, match=r"loss nan at step 6 .*ckpt.pt keeps step 3$"):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "late", tiny_dense, max_iters=6))
     assert torch.load(tmp_path / "late" / "ckpt.pt", weights_only=False)["step"] == 3

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tasks
-from config import UserError, check_out_dir, parse_args, resolve_device, run_main, write_atomic
+from config import (UserError, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
+                    resolve_device, run_main, write_atomic)
 from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
 
@@ -97,22 +98,18 @@ class TrainConfig:
                             "selects; it needs --compile=True, or pass --abstopk_by=topk")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
-        if not (0.0 < self.learning_rate < math.inf):   # written so that nan fails too
-            raise UserError(f"--learning_rate={self.learning_rate} must be positive and finite")
+        check_positive("learning_rate", self.learning_rate)
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise UserError(f"--{key}={getattr(self, key)} is outside [0, 1)")
-        if not 0.0 < self.eps < math.inf:
-            raise UserError(f"--eps={self.eps} must be positive and finite")
-        if not 0.0 <= self.weight_decay < math.inf:
-            raise UserError(f"--weight_decay={self.weight_decay} must be at least 0 and finite")
+        check_positive("eps", self.eps)
+        check_not_negative("weight_decay", self.weight_decay)
         if not 0.0 <= self.warmup_frac <= 1.0:
             raise UserError(f"--warmup_frac={self.warmup_frac} is outside [0, 1]")
         for key in ("min_per_channel", "sample_tokens"):
             if getattr(self, key) < 0:
                 raise UserError(f"--{key}={getattr(self, key)} must not be negative")
-        if not -2**63 <= self.seed < 2**63:   # torch's generators take 64 bits
-            raise UserError(f"--seed={self.seed} is outside [-2**63, 2**63)")
+        check_seed(self.seed)
         for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                     "block_size", "gradient_accumulation_steps"):
             if getattr(self, key) <= 0:
@@ -294,7 +291,7 @@ def preset_asked(argv):
 
 def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
     """The checkpoint's saved settings as the base, then --key=value; fixed_keys (what shapes the
-    loaded tensors) may not change."""
+    loaded tensors) may not change, and some step must be left to run."""
     settings = saved["train_config"]
     if saved.get("format") != CHECKPOINT_FORMAT:   # an older one: its device was resolved, auto is likelier
         settings = {**settings, "device": "auto"}
@@ -308,6 +305,9 @@ def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
     changed = [k for k in fixed_keys if getattr(cfg, k) != getattr(base, k)]
     if changed:
         raise UserError(f"--resume cannot change the model or bridge shape ({', '.join(changed)}) of {ckpt_path}")
+    if saved["step"] >= (cfg.stop_iter or cfg.max_iters):
+        limit = f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters} (raise it to train on)"
+        raise UserError(f"{ckpt_path} is already at step {saved['step']}; nothing to do up to {limit}")
     return cfg
 
 
@@ -332,9 +332,6 @@ def config_from_args(argv):
             raise UserError(f"--data_dir={cfg.data_dir} differs from the one {ckpt_path} trained on "
                             f"({saved['train_config']['data_dir'] or 'the standard library'}), whose tokenizer "
                             "the model's embeddings are in; start a new run in another --out_dir")
-        if saved["step"] >= (cfg.stop_iter or cfg.max_iters):
-            limit = f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters} (raise it to train on)"
-            raise UserError(f"{ckpt_path} is already at step {saved['step']}; nothing to do up to {limit}")
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
     return cfg
