@@ -75,20 +75,21 @@ class HeadlineConfig:
 
     def search_grid(self):
         """The (k_coef, seed) pairs each circuit is searched over."""
-        k_coefs = values_at_least_0(self.k_coefs, float, "k_coefs", "1e-4,1e-3")
-        seeds = values_at_least_0(self.prune_seeds, int, "prune_seeds", "0,1,2")
+        k_coefs = number_list(self.k_coefs, float, "k_coefs", "1e-4,1e-3")
+        seeds = number_list(self.prune_seeds, int, "prune_seeds", "0,1,2", signed=True)   # as prune.py's --seed
         return [(k_coef, seed) for k_coef in k_coefs for seed in seeds]
 
 
-def values_at_least_0(text, kind, key, example):
-    """Comma-separated numbers in [0, 2**63) of one kind (float or int), else a one-line UserError
-    (2**63 and up: beyond what torch takes as a seed)."""
+def number_list(text, kind, key, example, signed=False):
+    """Comma-separated numbers of one kind (float or int) in [0, 2**63), or [-2**63, 2**63) if
+    signed, else a one-line UserError (outside 64 bits: beyond what torch takes as a seed)."""
+    lowest = "-2**63" if signed else "0"
     try:
         values = [kind(v) for v in text.split(",") if v]
     except ValueError:
         values = []
-    if not values or min(values) < 0 or max(values) >= 2**63:
-        raise UserError(f"--{key}={text!r}: need comma-separated {kind.__name__}s in [0, 2**63), e.g. {example}")
+    if not values or min(values) < (-2**63 if signed else 0) or max(values) >= 2**63:
+        raise UserError(f"--{key}={text!r}: need comma-separated {kind.__name__}s in [{lowest}, 2**63), e.g. {example}")
     return values
 
 

@@ -1093,9 +1093,11 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
             assert r[f"{kind}_edges"] == min(rec["n_edges"] for rec in recs if rec["n_nodes"] is not None)
     for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
                        ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"), ("--prune_seeds=1,x", "--prune_seeds"),
-                       ("--k_coefs=1e-4,x", "--k_coefs"), (f"--prune_seeds=0,{2**63}", r"ints in \[0, 2\*\*63\)")):
+                       ("--k_coefs=1e-4,x", "--k_coefs"), ("--k_coefs=-1e-4", r"floats in \[0, 2\*\*63\)"),
+                       (f"--prune_seeds=0,{2**63}", r"ints in \[-2\*\*63, 2\*\*63\)"), (f"--prune_seeds={-2**63 - 1}", "--prune_seeds")):
         with pytest.raises(UserError, match=words):
             headline.main(args + [bad])
+    assert headline.HeadlineConfig(k_coefs="0", prune_seeds="-5,0").search_grid() == [(0.0, -5), (0.0, 0)]   # as prune.py's --seed
 
 
 def test_headline_skips_a_task_whose_answer_this_tokenizer_splits(corpus, tiny_gpt, monkeypatch, capsys):
