@@ -40,7 +40,7 @@ import tasks
 from config import UserError, as_arg, check_not_negative, check_positive, parse_args, resolve_device, run_main
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint
 from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, check_finite, estimate_loss, is_dense,
-                   make_optimizer, optimizer_step, resumed_config, save_checkpoint)
+                   load_optimizer_state, make_optimizer, optimizer_step, resumed_config, save_checkpoint)
 
 
 TRAIN_ONLY_KEYS = ("preset", "compile", "abstopk_by", "gradient_accumulation_steps", "sample_tokens", "eval_task")
@@ -301,9 +301,9 @@ def train_bridges(cfg):
     if cfg.resume:   # settings and shapes come from the checkpoint: see config_from_args
         ckpt = load_bridge_checkpoint(ckpt_path, cfg.device)
         sparse.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         bridges.load_state_dict(ckpt["bridges"])
-        bridge_opt.load_state_dict(ckpt["bridge_optimizer"])
+        load_optimizer_state(bridge_opt, ckpt["bridge_optimizer"])
         start = ckpt["step"]   # below stop: resumed_config refuses a run with nothing left to do
         print(f"resuming {ckpt_path} at step {start}")
     elif os.path.exists(ckpt_path):

@@ -397,10 +397,10 @@ class GPT(nn.Module):
 
 def target_nonzeros(shape, frac, min_per_channel):
     """Nonzeros a parameter keeps at L0 fraction frac: round(frac * numel), but never fewer than
-    min_per_channel per row (a 1-D bias has no rows: at least 1) and never more than numel."""
+    min_per_channel per row (a 1-D bias has no rows), never fewer than 1 and never more than numel."""
     numel = math.prod(shape)
-    floor = min(shape[0] * min_per_channel, numel) if len(shape) == 2 else 1
-    return min(numel, max(round(frac * numel), floor))
+    floor = min(shape[0] * min_per_channel, numel) if len(shape) == 2 else 0
+    return min(numel, max(round(frac * numel), floor, 1))
 
 
 def topk_weight_mask(w, k, min_per_channel):

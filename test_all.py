@@ -257,6 +257,9 @@ def test_target_nonzeros():
     assert target_nonzeros((100, 50), 0.01, 4) == 400       # min-per-channel floor
     assert target_nonzeros((100,), 0.001, 4) == 1
     assert target_nonzeros((3, 2), 0.5, 4) == 6
+    assert target_nonzeros((16, 16), 0.001, 0) == 1         # no floor per row, but never an empty matrix
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, d_model=16, d_head=16, min_per_channel=0))
+    assert model.project_weights(0.001) == len(model.sparse_params())   # one weight each, where k = 0 used to crash
 
 # -----------------------------------------------------------------------------
 # training pieces
@@ -507,6 +510,11 @@ def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, cor
     assert train.config_from_args(resume + [f"--data_dir={data.default_data_dir()}"])   # "" is the stdlib
     assert train.config_from_args(resume + ["--preset=cpu"]).preset == "cpu"            # its own preset
     assert train.config_from_args(resume + ["--seed=-1"]).seed == -1 and prune.PruneConfig(seed=-1).seed == -1
+    changed = train.config_from_args(resume + ["--weight_decay=0", "--eps=1e-8", "--beta2=0.99", "--max_iters=4"])
+    train.train(changed)                                     # the optimizer runs with the settings asked, not the saved
+    decay, no_decay = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["eps"], g["betas"]) for g in (decay, no_decay)] == [(0.0, 1e-8, (0.9, 0.99))] * 2
+    torch.save(ckpt, tmp_path / "cut" / "ckpt.pt")
     for extra, words in [([f"--data_dir={HERE}"], "differs from the one .* trained on .*the standard library.*tokenizer"),
                          (["--preset=cpu45"], "is a cpu run, and a resumed run keeps its saved settings .choose the run by --out_dir"),
                          (["--stop_iter=3"], "already at step 3; nothing to do up to --stop_iter=3"),
@@ -1415,6 +1423,10 @@ def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the
                          ([], r"already at step 4; nothing to do up to max_iters=4 \(raise it")):
         with pytest.raises(UserError, match=words):
             bridge.train_bridges(bridge.config_from_args(args + extra))
+    bridge.train_bridges(bridge.config_from_args(args + ["--max_iters=5", "--bridge_lr=3e-3", "--weight_decay=0"]))
+    saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)      # run under the settings asked
+    assert saved["bridge_optimizer"]["param_groups"][0]["lr"] == 3e-3
+    assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.0
 
 
 def test_steer_leaves_out_prompts_longer_than_the_context_and_refuses_when_a_class_has_none(tmp_path, tiny_dense,

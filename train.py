@@ -181,6 +181,15 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
+def load_optimizer_state(optimizer, state):
+    """A checkpoint's Adam moments and step counts under this run's hyperparameters: load_state_dict
+    alone would bring back the saved betas, eps and weight decay, and a resume may change them."""
+    asked = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, asked):
+        group.update(hyper)
+
+
 @torch.no_grad()
 def normalize_grad_rms(params):
     """Rescale all gradients together so their global RMS (L2 norm / sqrt(#params)) is 1."""
@@ -375,7 +384,7 @@ def train(cfg):
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     if cfg.resume:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
