@@ -502,8 +502,9 @@ def report(rec, log=print):
     log(f"{rec['task']}: circuit of {rec['n_nodes']} nodes, {rec['n_edges']} edges "
         f"(top {rec['k']} of {rec['units']} mask units)")
     calibrated = f" | calibrated {L['circuit_calibrated']:.4f}" if "circuit_calibrated" in L else ""
-    meets = "meets" if L["circuit"] <= target else "ABOVE"          # pruned on train prompts, checked on test
-    log(f"  test loss: full {L['full']:.4f} | circuit {L['circuit']:.4f} ({meets} the target {target}){calibrated} "
+    chosen_on = L.get("circuit_calibrated", L["circuit"])          # the loss k was bisected on (--calibrate)
+    meets = "meets" if chosen_on <= target else "ABOVE"            # pruned on train prompts, checked on test
+    log(f"  test loss: full {L['full']:.4f} | circuit {L['circuit']:.4f}{calibrated} ({meets} the target {target}) "
         f"| circuit ablated {L['circuit_ablated']:.4f} (chance {L['chance']:.4f})")
     log("  nodes: " + (", ".join(f"{k} {v}" for k, v in rec["nodes_by_kind"].items()) or "none"))
     log("  edges: " + (", ".join(f"{k} {v}" for k, v in rec["edges_by_type"].items()) or "none"))
@@ -568,13 +569,14 @@ def main(argv):
         print(f"  {time.time() - t0:.0f}s; wrote {base}.json, {base}.svg, {base}_loss.svg")
         records.append(rec)
     if cfg.task == "all" and records:
-        print(f"{'task':<28} {'full':>7} {'circuit':>7} {'ablated':>7} {'nodes':>6} {'edges':>6} | "
-              "nonsense nodes edges")
+        calibrated = lambda L: f" {L['circuit_calibrated']:>7.4f}" if cfg.calibrate else ""
+        print(f"{'task':<28} {'full':>7} {'circuit':>7}{' calibr.' if cfg.calibrate else ''} {'ablated':>7} "
+              f"{'nodes':>6} {'edges':>6} | nonsense nodes edges")
         for r in records:
             L, ns = r["losses"], r.get("nonsense", {})
             extra = (f"{ns['n_nodes']:>14} {ns['n_edges']:>5}" if ns.get("found")
                      else ("none" if ns else "-").rjust(14))       # -: no control run; none: none found
-            print(f"{r['task']:<28} {L['full']:>7.4f} {L['circuit']:>7.4f} {L['circuit_ablated']:>7.4f} "
+            print(f"{r['task']:<28} {L['full']:>7.4f} {L['circuit']:>7.4f}{calibrated(L)} {L['circuit_ablated']:>7.4f} "
                   f"{r['n_nodes']:>6} {r['n_edges']:>6} | {extra}")
         geomean = math.exp(sum(math.log(max(1, r["n_edges"])) for r in records) / len(records))
         print(f"geometric mean of edge counts over {len(records)} task(s), an empty circuit as 1: {geomean:.1f}")

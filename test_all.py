@@ -1010,6 +1010,12 @@ def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, caps
     assert "for_while: circuit of" in out and "nonsense control" in out and "calibrated" in out
     rec = json.loads(open_text(tmp_path / "c" / "for_while.json"))
     assert rec["losses"]["circuit"] <= 0.8 and rec["settings"]["tie_qk"] and "nonsense" in rec
+    for calibrated_loss, verdict in ((0.5, "meets"), (0.85, "ABOVE")):   # judged on the loss k was bisected on
+        lines = []
+        prune.report({**rec, "losses": {**rec["losses"], "circuit": 0.9, "circuit_calibrated": calibrated_loss}},
+                     lines.append)
+        assert f"circuit 0.9000 | calibrated {calibrated_loss:.4f} ({verdict} the target 0.8)" in lines[1]
+    assert "for_while: calibrated task loss against kept nodes" in open_text(tmp_path / "c" / "for_while_loss.svg")
     assert (tmp_path / "c" / "for_while.svg").exists() and (tmp_path / "c" / "for_while_loss.svg").exists()
     assert len(os.listdir(tmp_path / "c" / "means")) == 1
     prune.main(fast_args(tiny_ckpt, tmp_path / "c", "--target_loss=0.8", "--task=for_while"))
