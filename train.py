@@ -183,8 +183,9 @@ def make_optimizer(model, cfg):
 
 def load_optimizer_state(optimizer, state):
     """A checkpoint's Adam moments and step counts under this run's hyperparameters: load_state_dict
-    alone would bring back the saved betas, eps and weight decay, and a resume may change them."""
-    asked = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    alone would bring back the saved betas, eps and weight decay, and a resume may change them. (How
+    Adam runs, e.g. fused, stays as saved: load_state_dict placed the step counts for it.)"""
+    asked = [{key: group[key] for key in ("lr", "betas", "eps", "weight_decay")} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, hyper in zip(optimizer.param_groups, asked):
         group.update(hyper)
