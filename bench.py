@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,12 @@ def measure_training(cfg, steps, warmup, keep_memory=True):
         train_step()
     sec = seconds_per_call(train_step, steps, cfg.device)
     frac = l0_at(step + 1, cfg)
-    proj = seconds_per_call(lambda: raw.project_weights(frac), steps, cfg.device) if frac < 1 else 0.0
+    proj = 0.0
+    if frac < 1:                      # one more step, unprojected: the weights the projection gets in a step
+        with autocast:
+            model(x, y)[1].backward()
+        optimizer_step(raw, optimizer, step, dataclasses.replace(cfg, l0_frac=1.0))
+        proj = projection_seconds(raw, lambda: raw.project_weights(frac), steps, cfg.device)
     peak = torch.cuda.max_memory_allocated(cfg.device) if cfg.device.startswith("cuda") else peak_rss()
     return {"ms_per_step": sec * 1e3, "tokens_per_s": cfg.batch_size * cfg.block_size / sec,
             "projection_ms": proj * 1e3, "peak_mem_mb": peak / 2**20}
@@ -137,6 +143,17 @@ def in_fresh_process(fn, *args):
     """fn(*args) in a new process (spawned, so CUDA works), which then exits: its own peak memory."""
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         return pool.apply(fn, args)
+
+
+@torch.no_grad()
+def projection_seconds(model, project, reps, device):
+    """Seconds per call of project() on the sparse parameters as they are now, put back before each
+    call (as Adam leaves them in a step: not yet projected; the time to put them back is taken off)."""
+    params = [p for _, p in model.sparse_params()]
+    before = [p.detach().clone() for p in params]
+    put_back = lambda: torch._foreach_copy_(params, before)
+    return (seconds_per_call(lambda: (put_back(), project()), reps, device)
+            - seconds_per_call(put_back, reps, device))
 
 
 @torch.no_grad()
@@ -190,11 +207,13 @@ def topk_alone_ms(cfg, reps):
     backward selects nothing). The floor of an exact AbsTopK built on topk. Timed on abs_bits(x), as
     abstopk selects, and on |x| itself, the plain way: (ours, plain)."""
     c, rows = cfg.model_config(), cfg.batch_size * cfg.block_size
-    dtype = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32   # what the sites see
+    low = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32   # autocast's dtype
+    # what each site sees: a matmul's or GELU's output in autocast's dtype, RMSNorm's (the *_in sites) in fp32
+    shapes = Counter((width, torch.float32 if kind.endswith("_in") else low)
+                     for kind, width in zip(c.sparse_sites, c.abstopk_widths()))
     ours = plain = 0.0
-    widths = c.abstopk_widths()
-    for width in set(widths):
-        sites, k = c.n_layer * widths.count(width), int(c.afrac * width)
+    for (width, dtype), per_layer in shapes.items():
+        sites, k = c.n_layer * per_layer, int(c.afrac * width)
         x = torch.randn(rows, width, device=cfg.device, dtype=dtype)
         bits, a = abs_bits(x), x.abs()
         ours += sites * seconds_per_call(lambda: bits.topk(k, dim=-1, sorted=False), reps, cfg.device)
@@ -239,8 +258,8 @@ def bench_shape(shape, bc, device, peaks):
     for r in runs.values():
         r["mfu"] = fpt * r["tokens_per_s"] / peaks[dtype]
     frac = l0_at(sparse.max_iters, sparse)
-    ours = seconds_per_call(lambda: model.project_weights(frac), bc.steps, device)
-    naive = seconds_per_call(lambda: naive_project(model, frac), bc.steps, device)
+    ours = projection_seconds(model, lambda: model.project_weights(frac), bc.steps, device)   # on dense weights
+    naive = projection_seconds(model, lambda: naive_project(model, frac), bc.steps, device)
     plain_ms, recorded_ms = hook_overhead(sparse, bc.steps)
     topk_ms, topk_plain_ms = topk_alone_ms(sparse, bc.steps)
     s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
@@ -282,13 +301,15 @@ def main(argv):
               + (f" | sparse {r['allocator_speedup']:.2f}x faster keeping freed memory" if r["allocator_speedup"] else "")
               + (f" | sparse step with AbsTopK by radix select: {r['radix_over_topk_step']:.2f}x the topk one"
                  if r["radix_over_topk_step"] else ""))
+    os.makedirs(bc.out_dir, exist_ok=True)
+    path = os.path.join(bc.out_dir, f"{device.replace(':', '')}.json")
+    write_atomic(path, json.dumps(result, indent=1))   # now: kept should pruning fail (e.g. an unsolved task)
+    print(f"wrote {path}")
     if bc.prune_ckpt:
         result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
-    os.makedirs(bc.out_dir, exist_ok=True)
-    path = os.path.join(bc.out_dir, f"{device.replace(':', '')}.json")
-    write_atomic(path, json.dumps(result, indent=1))
-    print(f"wrote {path}")
+        write_atomic(path, json.dumps(result, indent=1))
+        print(f"added prune_seconds to {path}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import data
 import tasks
 from config import UserError, as_arg, check_not_negative, check_positive, parse_args, resolve_device, run_main
-from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint
+from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint, model_in
 from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, check_finite, estimate_loss, is_dense,
                    load_optimizer_state, make_optimizer, optimizer_step, resumed_config, save_checkpoint)
 
@@ -212,9 +212,7 @@ def load_dense(path, device):
     if not is_dense(tc):
         raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
                         "bridges need a dense one (trained with --l0_frac=1 --afrac=1)")
-    dense = GPT(GPTConfig(**ckpt["model_config"]))
-    dense.load_state_dict(ckpt["model"])
-    return dense.to(device).eval().requires_grad_(False), ckpt
+    return model_in(ckpt, path).to(device).eval().requires_grad_(False), ckpt
 
 
 def load_bridge_checkpoint(path, device="cpu"):
@@ -332,7 +330,8 @@ def train_bridges(cfg):
             save_checkpoint(ckpt_path, sparse, optimizer, None, done, settings,
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
-                             "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder})
+                             "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder,
+                             "tokenizer": data.tokenizer_id(folder)})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     print(f"done: {stop - start} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
@@ -342,9 +341,9 @@ def train_bridges(cfg):
 # steering: an edit in the sparse model, carried into the dense one by the decoder
 
 def load_bridged(cfg):
-    ckpt = load_bridge_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.device)
-    sparse = GPT(GPTConfig(**ckpt["model_config"]))
-    sparse.load_state_dict(ckpt["model"])
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_bridge_checkpoint(path, cfg.device)
+    sparse = model_in(ckpt, path)
     dense, _ = load_dense(ckpt["dense"], cfg.device)
     bridges = Bridges(ckpt["bridge_sites"], dense.config.d_model, sparse.config.d_model, ckpt["bridge_afrac"])
     bridges.load_state_dict(ckpt["bridges"])

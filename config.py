@@ -7,6 +7,7 @@ allocator setting every script starts with (keep_freed_memory: faster CPU steps)
     cfg = parse_args(TrainConfig, sys.argv[1:])   # --help lists the fields and their defaults
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import difflib
@@ -101,12 +102,25 @@ def check_out_dir(key, path):
         raise UserError(f"--{key}={path} is a file, not a folder")
 
 
-def write_atomic(path, text):
-    """Write text to path via a temp file and a rename: a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """A temp file to write path's new contents to; on success it is synced to disk and renamed
+    over path, so a reader, or a crash, sees the old file or the new one, never half of one."""
     tmp = f"{path}.{os.getpid()}.tmp"   # per process: parallel writers of one path never share a temp file
-    with open(tmp, "w") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):         # the write failed: leave no temp file behind
+            os.remove(tmp)
+
+
+def write_atomic(path, text):
+    with atomic_file(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def resolve_device(name):

@@ -12,6 +12,7 @@ Everything lives in out/data/<key>/, where key hashes the inputs; a change of in
 """
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import torch
 import regex  # installed with tiktoken (its own dependency): \p{L} classes like tiktoken's patterns
 import tiktoken
 
-from config import UserError, check_out_dir, parse_args, run_main, write_atomic
+from config import UserError, atomic_file, check_out_dir, parse_args, run_main, write_atomic
 
 VOCAB_SIZE = 2048
 EOT = "<|endoftext|>"
@@ -38,6 +39,8 @@ SPLIT_PATTERN = r"""[^\r\n\p{L}\p{N}_]?[\p{L}_]+|\p{N}{1,3}| ?[^\s\p{L}\p{N}_]+|
 
 @dataclass
 class DataConfig:
+    """The other scripts build their data with data_dir alone and these defaults for the rest; other
+    values here make a cache of their own, to look at (main says so)."""
     data_dir: str = ""             # folder of .py files; empty = this Python's standard library
     cache_dir: str = "out/data"
     tokenizer_sample_bytes: int = 3_000_000  # BPE trains on this many bytes of training files
@@ -173,9 +176,10 @@ def make_encoding(ranks_path):
 # -----------------------------------------------------------------------------
 # the cache: tokenizer and token bins
 
-def cache_key(files, cfg):
-    h = hashlib.sha256()
-    h.update(json.dumps([SPLIT_PATTERN, VOCAB_SIZE, cfg.tokenizer_sample_bytes, cfg.val_every]).encode())
+def cache_key(data_dir, files, cfg):
+    h = hashlib.sha256()   # data_dir too: the validation split hashes paths relative to it
+    h.update(json.dumps([SPLIT_PATTERN, VOCAB_SIZE, cfg.tokenizer_sample_bytes, cfg.val_every,
+                         os.path.realpath(data_dir)]).encode())
     for path in files:
         st = os.stat(path)
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -186,7 +190,7 @@ def prepare(cfg=DataConfig(), verbose=True):
     """Build (or find) the cache; returns its folder, holding tokenizer.tiktoken, train.bin, val.bin."""
     data_dir = cfg.data_dir or default_data_dir()
     files = list_py_files(data_dir)
-    folder = os.path.join(cfg.cache_dir, cache_key(files, cfg))
+    folder = os.path.abspath(os.path.join(cfg.cache_dir, cache_key(data_dir, files, cfg)))   # checkpoints record it
     if os.path.exists(os.path.join(folder, "meta.json")):
         with open(os.path.join(folder, "meta.json")) as f:
             if json.load(f)["val_tokens"] or len(files) < 2:   # else built before val_flags: build it again
@@ -213,9 +217,8 @@ def prepare(cfg=DataConfig(), verbose=True):
     for split, paths in (("train", train_files), ("val", val_files)):
         docs = enc.encode_ordinary_batch([read_text(p) for p in paths])
         ids = np.fromiter((t for d in docs for t in d + [enc.eot_token]), dtype=np.uint16)
-        tmp = os.path.join(folder, f"{split}.bin.{os.getpid()}.tmp")   # per process: DDP ranks build at once
-        ids.tofile(tmp)
-        os.replace(tmp, os.path.join(folder, f"{split}.bin"))
+        with atomic_file(os.path.join(folder, f"{split}.bin"), "wb") as f:   # DDP ranks may build it at once
+            ids.tofile(f)
         meta[f"{split}_tokens"] = int(ids.size)
         meta[f"{split}_bytes"] = sum(os.path.getsize(p) for p in paths)
     write_atomic(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1))   # written last: marks the cache done
@@ -229,6 +232,12 @@ def get_encoding(folder):
     return make_encoding(os.path.join(folder, "tokenizer.tiktoken"))
 
 
+def tokenizer_id(folder):
+    """A fingerprint of a data folder's tokenizer, saved in checkpoints beside the folder's path."""
+    with open(os.path.join(folder, "tokenizer.tiktoken"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
 def data_folder(ckpt, data_dir=None, verbose=False):
     """The data folder (tokenizer, tokens) a checkpoint's model was trained with: the one it records,
     while it exists and data_dir (default: the checkpoint's) is the folder it was trained on; else the
@@ -237,14 +246,19 @@ def data_folder(ckpt, data_dir=None, verbose=False):
     data_dir = saved_dir if data_dir is None else data_dir
     recorded, same_dir = ckpt.get("data"), same_data_dir(data_dir, saved_dir)
     if recorded and same_dir and os.path.exists(os.path.join(recorded, "meta.json")):
-        return recorded
+        return os.path.abspath(recorded)   # (older checkpoints saved it relative to where they ran)
     if recorded and same_dir and not os.path.isdir(user_dir(data_dir) or default_data_dir()):
         raise UserError(f"the model's data folder {recorded} is gone, and so is data_dir={data_dir}, the folder "
                         "of .py files it was trained on, to build it again")
     folder = prepare(DataConfig(data_dir=data_dir), verbose)
     if recorded and same_dir and os.path.basename(os.path.normpath(recorded)) != os.path.basename(folder):
-        print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "
-              "now (its tokenizer differs if the files or data.py changed since training)")
+        if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer_id(folder):
+            raise UserError(f"the model's data folder {recorded} is gone, and its files in data_dir={data_dir or default_data_dir()} have "
+                            f"changed since: the tokenizer built from them now ({folder}) is not the model's; "
+                            "restore the folder, or the files as they were when the model trained")
+        if not ckpt.get("tokenizer"):   # a checkpoint from before tokenizer ids: it cannot be checked
+            print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "
+                  "now (its tokenizer differs if the files or data.py changed since training)")
     return folder
 
 
@@ -266,6 +280,10 @@ def get_batch(tokens, batch_size, block_size, generator):
 def main(argv):
     cfg = parse_args(DataConfig, argv)
     folder = prepare(cfg)
+    changed = [f"--{k}" for k, v in dataclasses.asdict(cfg).items() if k != "data_dir" and v != getattr(DataConfig, k)]
+    if changed:
+        print(f"note: with {', '.join(changed)} this cache is not the one train.py, tasks.py and prune.py use: "
+              "they build theirs with data_dir alone")
     enc = get_encoding(folder)
     sample = "def greet(name):\n    print(f\"héllo {name}!\")\n"
     print(f"vocab {enc.n_vocab}; {sample!r} -> {[enc.decode([t]) for t in enc.encode(sample)]}")

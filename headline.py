@@ -88,7 +88,8 @@ def number_list(text, kind, key, example, signed=False):
         values = [kind(v) for v in text.split(",") if v]
     except ValueError:
         values = []
-    if not values or min(values) < (-2**63 if signed else 0) or max(values) >= 2**63:
+    if not values or not all(math.isfinite(v) for v in values) or min(values) < (-2**63 if signed else 0) \
+            or max(values) >= 2**63:
         raise UserError(f"--{key}={text!r}: need comma-separated {kind.__name__}s in [{lowest}, 2**63), e.g. {example}")
     return values
 
@@ -183,7 +184,7 @@ def circuit(path, task, k_coef, seed, cfg, device):
         prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
                     f"--steps={cfg.prune_steps}", f"--n_test={cfg.n_test}", f"--k_coef={k_coef}", f"--seed={seed}",
                     f"--device={device}"])
-    except UserError as e:                  # no circuit at this k_coef: remembered, so not searched again
+    except prune.NoCircuit as e:            # no circuit at this k_coef: remembered, so not searched again
         print(f"  k_coef {k_coef:g}, seed {seed}: {e}")
         os.makedirs(out_dir, exist_ok=True)
         write_atomic(record, json.dumps({"checkpoint": path, "checkpoint_key": key[0], "n_nodes": None,
@@ -199,7 +200,7 @@ def smallest_circuit(path, task, cfg, device):
     records = [circuit(path, task, k_coef, seed, cfg, device) for k_coef, seed in cfg.search_grid()]
     found = [rec for rec in records if rec is not None]
     if not found:
-        raise UserError(f"{path}: no circuit for {task} meets --target_loss={cfg.target_loss} at any of "
+        raise prune.NoCircuit(f"{path}: no circuit for {task} meets --target_loss={cfg.target_loss} at any of "
                         f"--k_coefs={cfg.k_coefs} with --prune_seeds={cfg.prune_seeds}")
     return min(found, key=lambda rec: rec["n_edges"])
 
@@ -267,7 +268,7 @@ def compare(sparse_path, dense_paths, models, cfg, device):
     for task in common:
         try:
             s, d = smallest_circuit(sparse_path, task, cfg, device), smallest_circuit(match, task, cfg, device)
-        except UserError as e:   # solved on the test prompts, yet no circuit at the target on the bisection ones
+        except prune.NoCircuit as e:   # solved on the test prompts, yet no circuit at the target on the bisection ones
             print(f"  {task} left out: {e}")
             continue
         rows.append({"task": task, "sparse_edges": s["n_edges"], "dense_edges": d["n_edges"],
@@ -319,7 +320,7 @@ def main(argv):
         if plot_tasks and all(t in m["solved"] for t in plot_tasks):
             try:
                 edges = [smallest_circuit(path, t, cfg, device)["n_edges"] for t in plot_tasks]
-            except UserError as e:   # a model only on the plot, without a circuit for a task: off the plot
+            except prune.NoCircuit as e:   # a model only on the plot, without a circuit for a task: off the plot
                 print(f"plot: {m['name']} left out: {e}")
                 continue
             points.append({"name": m["name"], "kind": m["kind"], "val_loss": m["val_loss"], "geomean_edges": geomean(edges)})

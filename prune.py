@@ -44,7 +44,7 @@ from functools import partial
 import torch
 
 import data
-from config import (UserError, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
+from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
                     resolve_device, run_main, write_atomic)
 from draw import circuit_svg, curve_svg
 from sparse_gpt import ALL_SPARSE_SITES, RMSNorm
@@ -107,6 +107,11 @@ class PruneConfig:
                 raise UserError(f"--{key}={value} must be positive" + (" and even" if even else ""))
         if not 0 <= self.micro_batches <= self.batch_size:
             raise UserError(f"--micro_batches={self.micro_batches} is outside [0, --batch_size={self.batch_size}]")
+
+
+class NoCircuit(UserError):
+    """No circuit meets the target: an outcome, which headline.py records, rather than a mistake."""
+
 
 # -----------------------------------------------------------------------------
 # nodes, masks and ablation
@@ -200,9 +205,8 @@ def pretraining_means(model, ckpt_path, folder, cfg, device):
     count = cfg.mean_batches * cfg.mean_batch_size * model.config.block_size
     means = {name: (s / count).float() for name, s in sums.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"                   # headline.py --jobs may write it from two processes
-    torch.save(means, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:                 # headline.py --jobs may write it from two processes
+        torch.save(means, f)
     return means, path
 
 
@@ -468,7 +472,7 @@ def prune_task(model, enc, name, test_prompts, means, cfg, device, log=print):
     log(f"{name}: {cfg.steps} mask steps on {len(train_prompts)} train prompts, bisection on {len(eval_prompts)} others")
     taus, keep, k, curve, eval_batches = search(model, train_prompts, eval_prompts, means, cfg, device, log)
     if keep is None:
-        raise UserError(f"{name}: no circuit reaches loss {cfg.target_loss} on the bisection prompts, not even "
+        raise NoCircuit(f"{name}: no circuit reaches loss {cfg.target_loss} on the bisection prompts, not even "
                         f"the full model (mean loss {curve[max(curve)][1]:.4f}; the bisection asks mean + "
                         f"--bisect_se={cfg.bisect_se:g} standard errors)")
     rec = circuit_record(model, name, taus, keep, k, curve, means, cfg)

@@ -374,10 +374,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
-        ckpt = load_checkpoint(path, device)
-        model = cls(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        return model.to(device)
+        return model_in(load_checkpoint(path, device), path).to(device)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -433,3 +430,13 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path} is not a sparse-circuits checkpoint (no model_config/model)")
     return ckpt
 
+
+def model_in(ckpt, path):
+    """The GPT a loaded checkpoint holds, with a one-line error for one this code cannot build."""
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:   # a setting this GPTConfig lacks, other shapes
+        raise UserError(f"{path} holds a model this code cannot build ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:160]})")
+    return model

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import data
 from config import UserError, parse_args, resolve_device, run_main
-from sparse_gpt import GPT, GPTConfig, load_checkpoint
+from sparse_gpt import load_checkpoint, model_in
 
 
 @dataclass
@@ -527,9 +527,7 @@ def bracket_dilution(model, enc, device, seed=0, samples=32):
 def load_model(path, device):
     """(model in eval mode, checkpoint, data folder) of a train.py checkpoint."""
     ckpt = load_checkpoint(path, device)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt, data.data_folder(ckpt)
+    return model_in(ckpt, path).to(device).eval(), ckpt, data.data_folder(ckpt)
 
 # -----------------------------------------------------------------------------
 # the script

@@ -31,7 +31,7 @@ import draw
 import prune
 import tasks
 import train
-from config import UserError, parse_args
+from config import UserError, atomic_file, parse_args, write_atomic
 from tasks import Prompt, make_prompts
 from sparse_gpt import (GPT, GPTConfig, RMSNorm, abstopk, abstopk_radix, abstopk_radix_when_compiled,
                         sink_attention, target_nonzeros, topk_weight_mask)
@@ -296,6 +296,8 @@ def test_config_parsing_and_bad_values(capsys):
     cfg = parse_args(train.TrainConfig, ["--d_model=64", "--l0_frac=0.5", "--compile=true", "--sparse_sites=attn_q,mlp_neuron"])
     assert (cfg.d_model, cfg.l0_frac, cfg.compile, cfg.sparse_sites) == (64, 0.5, True, ("attn_q", "mlp_neuron"))
     assert parse_args(train.TrainConfig, ["--out_dir=~/runs/a"]).out_dir == os.path.expanduser("~/runs/a")
+    twice = train.config_from_args(["--preset=gpu", "--preset=cpu45", "--out_dir=out/never"])   # the last wins, whole
+    assert (twice.preset, twice.max_iters, twice.d_model) == ("cpu45", 2500, 128)
     for cls in (train.TrainConfig, bridge.BridgeConfig, prune.PruneConfig, bench.BenchConfig):
         with pytest.raises(SystemExit):
             parse_args(cls, ["--help"])
@@ -421,7 +423,7 @@ def test_data_config_bad_values_are_user_errors():
             parse_args(data.DataConfig, [bad])
 
 
-def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeypatch):
+def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeypatch, capsys):
     import zlib
     stdlib = data.default_data_dir()
     rel = [os.path.relpath(p, stdlib) for p in data.list_py_files(stdlib)]
@@ -444,6 +446,8 @@ def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeyp
     json.dump({**meta, "val_files": 0, "val_tokens": 0}, open(os.path.join(folder, "meta.json"), "w"))
     assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder
     assert json.load(open(os.path.join(folder, "meta.json")))["val_tokens"] > 0   # a cache of the old split: rebuilt
+    data.main(["--data_dir=~/small", "--cache_dir=cache"])              # a cache train.py would not use: said so
+    assert "note: with --cache_dir this cache is not the one train.py" in capsys.readouterr().out
 
 
 def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_path, corpus, monkeypatch):
@@ -460,6 +464,16 @@ def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_pa
     assert x.shape == y.shape == (2, 32)
     assert not (tmp_path / "o").exists()
 
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    write_atomic(path, "old")
+    with pytest.raises(ZeroDivisionError):
+        with atomic_file(path, "wb") as f:      # as a checkpoint, cut off halfway
+            f.write(b"half")
+            1 / 0
+    assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 # -----------------------------------------------------------------------------
 # whole runs
 
@@ -473,6 +487,13 @@ def test_training_reaches_exact_sparsity_and_checkpoint_loads(tmp_path, corpus):
     assert exact == params and fewest >= 4
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=1.0, top_k=10)
     assert out.shape == (1, 8)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)   # another version's checkpoints:
+    for name, other in (("newer", {**ckpt, "model_config": {**ckpt["model_config"], "rope": True}}),
+                        ("reshaped", {**ckpt, "model_config": {**ckpt["model_config"], "d_model": 64}})):
+        torch.save(other, tmp_path / f"{name}.pt")
+        for load in (GPT.from_checkpoint, lambda path: tasks.load_model(path, "cpu")):
+            with pytest.raises(UserError, match=rf"{name}.pt holds a model this code cannot build \((TypeError|RuntimeError)"):
+                load(str(tmp_path / f"{name}.pt"))
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
@@ -488,6 +509,8 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)     # where its tokenizer is, from anywhere
+    assert os.path.isabs(saved["data"]) and saved["tokenizer"] == data.tokenizer_id(saved["data"])
 
 
 def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, corpus):
@@ -726,6 +749,12 @@ def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(t
     assert "note" not in capsys.readouterr().out
     assert data.data_folder(gone("0123456789ab")) == folder             # other inputs: said so
     assert "note: the model's data folder" in capsys.readouterr().out
+    same, other = ({**gone("0123456789ab"), "tokenizer": tid} for tid in (data.tokenizer_id(folder), "0" * 12))
+    assert data.data_folder(same) == folder and "note" not in capsys.readouterr().out   # checked: the same tokenizer
+    with pytest.raises(UserError, match=r"gone, and its files in data_dir=.* have changed since: the tokenizer .* not the model's"):
+        data.data_folder(other)
+    files, cfg = [os.path.join(HERE, "config.py")], data.DataConfig()   # one set of files under two data_dirs:
+    assert data.cache_key(HERE, files, cfg) != data.cache_key(os.path.dirname(HERE), files, cfg)   # two val splits
 
 # -----------------------------------------------------------------------------
 # pruning
@@ -1108,7 +1137,8 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
     for bad, words in (("--tasks=for_while,nope", "unknown task 'nope'"), ("--dense=", "give one or more"),
                        ("--prune_steps=0", "--prune_steps=0 must be positive"), ("--jobs=0", "--jobs=0 must be"), ("--prune_seeds=1,x", "--prune_seeds"),
                        ("--k_coefs=1e-4,x", "--k_coefs"), ("--k_coefs=-1e-4", r"floats in \[0, 2\*\*63\)"),
-                       (f"--prune_seeds=0,{2**63}", r"ints in \[-2\*\*63, 2\*\*63\)"), (f"--prune_seeds={-2**63 - 1}", "--prune_seeds")):
+                       (f"--prune_seeds=0,{2**63}", r"ints in \[-2\*\*63, 2\*\*63\)"), (f"--prune_seeds={-2**63 - 1}", "--prune_seeds"),
+                       ("--k_coefs=nan,1e-4", "--k_coefs='nan,1e-4'"), ("--k_coefs=inf", "--k_coefs='inf'")):
         with pytest.raises(UserError, match=words):
             headline.main(args + [bad])
     assert headline.HeadlineConfig(k_coefs="0", prune_seeds="-5,0").search_grid() == [(0.0, -5), (0.0, 0)]   # as prune.py's --seed
@@ -1134,7 +1164,7 @@ def test_headline_leaves_out_what_has_no_circuit_and_still_writes_the_table(tmp_
     far, near = (save_tiny(tmp_path / name / "ckpt.pt", dense(), val) for name, val in (("far", 2.5), ("near", 3.1)))
     def smallest(path, task, cfg, device):                           # far (only on the plot): no circuit at all
         if path == far or (path == near and task == "if_equals"):
-            raise UserError(f"{path}: no circuit for {task}")
+            raise prune.NoCircuit(f"{path}: no circuit for {task}")
         return {"n_edges": 7 if path == sparse else 70, "n_nodes": 3, "losses": {"circuit": 0.5},
                 "settings": {"k_coef": 1e-4, "seed": 0}}
     monkeypatch.setattr(headline, "smallest_circuit", smallest)
@@ -1157,9 +1187,15 @@ def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_mo
     assert names["out/cpu45/ckpt.pt"] == "cpu45" and names["out/cpu45/step800.pt"] == "cpu45_step800"
     assert names[a].startswith("x_") and names[b].startswith("x_") and names[a] != names[b]
     calls = []
+    def failing(argv):                                                 # any other error: not a result, not kept
+        raise UserError(f"the model's data folder is gone ({argv[0]})")
+    monkeypatch.setattr(prune, "main", failing)
+    with pytest.raises(UserError, match="data folder is gone"):
+        headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
+    assert not (tmp_path / "h" / "circuits" / names[a] / "k_coef=0.0001" / "for_while.json").exists()
     def no_circuit(argv):
         calls.append(argv)
-        raise UserError("for_while: no circuit reaches loss 0.15 on the bisection prompts")
+        raise prune.NoCircuit("for_while: no circuit reaches loss 0.15 on the bisection prompts")
     monkeypatch.setattr(prune, "main", no_circuit)
     assert headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu") is None
     assert "--n_test=16" in calls[0]                                   # prune poses the task on headline's prompts
@@ -1466,6 +1502,16 @@ def test_naive_reference_projection_gives_exactly_our_projection():
     bench.naive_project(naive, 0.2)
     for (name, a), (_, b) in zip(ours.sparse_params(), naive.sparse_params()):
         assert torch.equal(a, b), name
+
+
+def test_bench_times_every_projection_on_the_weights_as_adam_leaves_them():
+    model, seen = GPT(tiny_config()), []
+    def project():                                                # what each timed call is handed
+        seen.append([p.detach().clone() for _, p in model.sparse_params()])
+        model.project_weights(0.2)
+    start = [p.detach().clone() for _, p in model.sparse_params()]   # a fresh init: dense, as after an Adam step
+    assert bench.projection_seconds(model, project, 3, "cpu") > 0
+    assert len(seen) >= 3 and all(torch.equal(a, b) for call in seen for a, b in zip(call, start))
 
 
 def test_keep_freed_memory_reuses_big_blocks_without_page_faults():

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tasks
-from config import (UserError, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
+from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
                     resolve_device, run_main, write_atomic)
 from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
@@ -289,14 +289,14 @@ def save_checkpoint(path, model, optimizer, scaler, step, settings, extra):
     ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "train_config": settings, "model_config": dataclasses.asdict(model.config), **extra}
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_file(path, "wb") as f:
+        torch.save(ckpt, f)
 
 # -----------------------------------------------------------------------------
 # configuration from the command line
 
 def preset_asked(argv):
-    return next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), None)
+    return next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--preset=")), None)   # the last, as parse_args
 
 
 def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
@@ -444,7 +444,8 @@ def train(cfg):
                 log("sample: " + repr(enc.decode(sample[0].tolist()))[:400])
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, scaler, done, settings,
-                                {"val_loss": losses["val"], "task_loss": losses.get("task"), "data": folder})
+                                {"val_loss": losses["val"], "task_loss": losses.get("task"), "data": folder,
+                                 "tokenizer": data.tokenizer_id(folder)})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     if ddp:   # every rank must hold the same weights: gather them all and compare
