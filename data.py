@@ -94,13 +94,15 @@ def is_val(relpath, val_every):
     return zlib.crc32(relpath.encode()) % val_every == 0
 
 
-def val_flags(relpaths, val_every):
-    """is_val of each file; a folder of 2+ files where the hash picked none gives validation the file
-    nearest to being picked (smallest hash remainder), so the split is never empty and stays
-    deterministic. Folders that already have a validation file are split exactly as before."""
+def val_flags(relpaths, sizes, val_every):
+    """is_val of each file; a folder of 2+ files where the hash picked no file with text (none, or
+    only empty __init__.py files) gives validation the nonempty file nearest to being picked (smallest
+    hash remainder), so the split always has text and stays deterministic. Folders that already have
+    a nonempty validation file are split exactly as before."""
     flags = [is_val(r, val_every) for r in relpaths]
-    if len(relpaths) > 1 and not any(flags):
-        flags[min(range(len(relpaths)), key=lambda i: zlib.crc32(relpaths[i].encode()) % val_every)] = True
+    if len(relpaths) > 1 and not any(flag and size for flag, size in zip(flags, sizes)):
+        nonempty = [i for i, size in enumerate(sizes) if size] or range(len(relpaths))
+        flags[min(nonempty, key=lambda i: zlib.crc32(relpaths[i].encode()) % val_every)] = True
     return flags
 
 # -----------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def prepare(cfg=DataConfig(), verbose=True):
                 return folder
     os.makedirs(folder, exist_ok=True)
     t0 = time.time()
-    flags = val_flags([os.path.relpath(p, data_dir) for p in files], cfg.val_every)
+    flags = val_flags([os.path.relpath(p, data_dir) for p in files], [os.path.getsize(p) for p in files], cfg.val_every)
     train_files = [p for p, v in zip(files, flags) if not v]
     val_files = [p for p, v in zip(files, flags) if v]
     # tokenizer: train on every k-th training file until the byte budget is met (deterministic)

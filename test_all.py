@@ -426,8 +426,12 @@ def test_data_config_bad_values_are_user_errors():
 def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeypatch, capsys):
     import zlib
     stdlib = data.default_data_dir()
-    rel = [os.path.relpath(p, stdlib) for p in data.list_py_files(stdlib)]
-    assert data.val_flags(rel, 50) == [data.is_val(r, 50) for r in rel]   # the standard corpus splits as before
+    files = data.list_py_files(stdlib)
+    rel, sizes = [os.path.relpath(p, stdlib) for p in files], [os.path.getsize(p) for p in files]
+    assert data.val_flags(rel, sizes, 50) == [data.is_val(r, 50) for r in rel]   # the standard corpus splits as before
+    empty = next(f"pkg{i}/__init__.py" for i in range(10 ** 4) if data.is_val(f"pkg{i}/__init__.py", 50))
+    flags = data.val_flags([empty, "a.py", "b.py"], [0, 900, 900], 50)     # the hash picked only an empty file:
+    assert flags[0] and sum(flags[1:]) == 1                                # a file with text joins it
     names = ["argparse.py", "ast.py", "csv.py", "difflib.py", "inspect.py", "typing.py"]
     assert not any(data.is_val(n, 50) for n in names)                      # the hash alone picks none of these
     home = tmp_path / "home"
