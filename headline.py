@@ -115,9 +115,10 @@ def check_models(sparse_paths, dense_paths):
     """Each model in its role, read from its saved settings before any model is evaluated: --sparse
     weight-sparse, --dense dense (train.is_dense), and one data_dir for all (one tokenizer, one
     validation set). A setting a checkpoint does not record is not judged."""
-    data_dirs = {}
+    data_dirs, tokenizers = {}, {}
     for kind, path in [("sparse", p) for p in sparse_paths] + [("dense", p) for p in dense_paths]:
-        tc = load_checkpoint(path).get("train_config", {})
+        ckpt = load_checkpoint(path)
+        tc = ckpt.get("train_config", {})
         if kind == "sparse" and tc.get("l0_frac", 0.0) >= 1.0:
             raise UserError(f"--sparse={path} is not weight-sparse (l0_frac={tc['l0_frac']}); give a model "
                             "trained with --l0_frac < 1")
@@ -125,12 +126,19 @@ def check_models(sparse_paths, dense_paths):
             raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
                             "give a dense one (trained with --l0_frac=1 --afrac=1)")
         data_dirs[path] = tc.get("data_dir", "")
+        if ckpt.get("tokenizer"):
+            tokenizers[path] = ckpt["tokenizer"]
     first = next(iter(data_dirs))
     for path, data_dir in data_dirs.items():
         if not data.same_data_dir(data_dir, data_dirs[first]):
             raise UserError(f"{path} was trained on data_dir={data_dir or 'the standard library'} but {first} "
                             f"on {data_dirs[first] or 'the standard library'}: the models must share one tokenizer "
                             "and validation set")
+    one_per_tokenizer = {tokenizer: path for path, tokenizer in tokenizers.items()}
+    if len(one_per_tokenizer) > 1:          # one data_dir, whose files changed between two models' runs
+        a, b = list(one_per_tokenizer.values())[:2]
+        raise UserError(f"{a} and {b} were trained with different tokenizers (their data_dir's files changed "
+                        "between the runs): the models must share one tokenizer and validation set")
 
 
 def load(path, device):

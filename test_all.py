@@ -1612,6 +1612,10 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
              (sparse, sparse, rf"--dense={sparse} is a sparse model \(l0_frac=0.25, afrac=0.25\)"),
              (sparse, f"{dense},{other_data}", rf"{other_data} was trained on data_dir={tmp_path} but {sparse} on "
                                                "the standard library")]
+    for name, tokenizer in (("tok_a", "a" * 12), ("tok_b", "b" * 12)):
+        torch.save({**torch.load(dense, weights_only=False), "tokenizer": tokenizer}, tmp_path / f"{name}.pt")
+    cases += [(sparse, f"{tmp_path / 'tok_a.pt'},{dense}", "reached load"),             # one id, one unrecorded
+              (sparse, f"{tmp_path / 'tok_a.pt'},{tmp_path / 'tok_b.pt'}", "trained with different tokenizers")]
     for s, d, words in cases:
         with pytest.raises(UserError, match=words):
             headline.main([f"--sparse={s}", f"--dense={d}", f"--out_dir={out}", "--device=cpu"])
