@@ -257,9 +257,18 @@ def test_target_nonzeros():
     assert target_nonzeros((100, 50), 0.01, 4) == 400       # min-per-channel floor
     assert target_nonzeros((100,), 0.001, 4) == 1
     assert target_nonzeros((3, 2), 0.5, 4) == 6
+    assert target_nonzeros((3, 10), 0.29, 0) == 9 and target_nonzeros((3, 10), 0.21, 0) == 6   # rounded, not floored
     assert target_nonzeros((16, 16), 0.001, 0) == 1         # no floor per row, but never an empty matrix
     model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, d_model=16, d_head=16, min_per_channel=0))
     assert model.project_weights(0.001) == len(model.sparse_params())   # one weight each, where k = 0 used to crash
+
+def test_init_scales_the_output_projections_by_depth():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=4, d_model=128))
+    for block in model.blocks:
+        for proj in (block.attn.c_proj, block.mlp.c_proj):     # N(0, 0.02 / sqrt(2 n_layer)) [code]
+            assert proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+        assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 # -----------------------------------------------------------------------------
 # training pieces
@@ -295,6 +304,8 @@ def test_grad_rms_normalization():
 def test_config_parsing_and_bad_values(capsys):
     cfg = parse_args(train.TrainConfig, ["--d_model=64", "--l0_frac=0.5", "--compile=true", "--sparse_sites=attn_q,mlp_neuron"])
     assert (cfg.d_model, cfg.l0_frac, cfg.compile, cfg.sparse_sites) == (64, 0.5, True, ("attn_q", "mlp_neuron"))
+    for text, value in (("True", True), ("1", True), ("false", False), ("0", False)):
+        assert parse_args(train.TrainConfig, [f"--resume={text}"]).resume is value
     assert parse_args(train.TrainConfig, ["--out_dir=~/runs/a"]).out_dir == os.path.expanduser("~/runs/a")
     twice = train.config_from_args(["--preset=gpu", "--preset=cpu45", "--out_dir=out/never"])   # the last wins, whole
     assert (twice.preset, twice.max_iters, twice.d_model) == ("cpu45", 2500, 128)
@@ -360,6 +371,39 @@ def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
     assert not_ours.read_bytes() == b"not a checkpoint"
     assert not (tmp_path / "o").exists()
+
+def test_an_optimizer_step_does_not_depend_on_the_loss_scale():
+    cfg = tiny_train_config("out/never", l0_frac=1.0, device="cpu")
+    weights = []
+    for scale in (1.0, 1000.0):
+        torch.manual_seed(0)
+        model = train.make_model(cfg)
+        optimizer = train.make_optimizer(model, cfg)
+        idx = torch.randint(0, model.config.vocab_size, (2, 16))
+        (model(idx, idx)[1] * scale).backward()
+        train.optimizer_step(model, optimizer, 5, cfg)          # grads RMS-normalized first: the scale drops out
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-5)
+
+
+def test_weight_decay_does_not_shrink_the_bigram_table():
+    cfg = tiny_train_config("out/never", device="cpu")
+    model = train.make_model(cfg)
+    optimizer = train.make_optimizer(model, cfg)
+    with torch.no_grad():
+        model.bigram.fill_(1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)                            # no gradient: only weight decay could move it
+    train.optimizer_step(model, optimizer, 5, cfg)
+    assert (model.bigram == 1.0).all()
+
+
+def test_every_step_micro_step_and_rank_draws_its_own_batch():
+    cfg, tokens = tiny_train_config("out/never"), torch.arange(100_000)
+    keys = [(3, 0, 0), (3, 1, 0), (4, 0, 0), (3, 0, 1)]        # (step, micro-step, rank)
+    xs = [train.batch_for(tokens, s, m, cfg, r)[0] for s, m, r in keys]
+    assert len({tuple(x.flatten().tolist()) for x in xs}) == 4  # accumulation averages distinct batches
+    assert torch.equal(train.batch_for(tokens, 3, 1, cfg, 0)[0], xs[1])   # and draws them again on resume
 
 # -----------------------------------------------------------------------------
 # data
@@ -450,6 +494,9 @@ def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeyp
     json.dump({**meta, "val_files": 0, "val_tokens": 0}, open(os.path.join(folder, "meta.json"), "w"))
     assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder
     assert json.load(open(os.path.join(folder, "meta.json")))["val_tokens"] > 0   # a cache of the old split: rebuilt
+    for split, files in (("train", meta["files"] - meta["val_files"]), ("val", meta["val_files"])):
+        tokens = data.load_tokens(folder, split)                          # every document ends with one <|endoftext|>
+        assert int((tokens == 2047).sum()) == files and tokens[-1] == 2047, split
     data.main(["--data_dir=~/small", "--cache_dir=cache"])              # a cache train.py would not use: said so
     assert "note: with --cache_dir this cache is not the one train.py" in capsys.readouterr().out
 
@@ -591,6 +638,11 @@ def test_torchrun_two_cpu_processes_hold_identical_weights(tmp_path, corpus):
     assert "ddp: weights identical on all 2 ranks" in result.stdout
     assert "2 process(es)" in result.stdout
 
+def test_gradient_accumulation_reports_the_mean_loss_not_the_sum(tmp_path, corpus):
+    history = train.train(tiny_train_config(tmp_path / "acc", max_iters=1, eval_interval=1, eval_task="",
+                                            gradient_accumulation_steps=2))
+    assert history[0][1] == pytest.approx(math.log(2048), rel=0.05)   # an untrained model's loss per token
+
 # -----------------------------------------------------------------------------
 # tasks
 
@@ -651,15 +703,17 @@ def test_a_task_whose_answer_is_not_one_token_fails_at_construction(corpus, monk
 
 
 def test_task_loss_is_the_two_way_cross_entropy_averaged_over_prompts():
-    logits = torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0],
+    logits = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0],
                            [0.0, 2.0, 0.0, 1.0, 5.0]])
     correct, alt = torch.tensor([1, 3]), torch.tensor([3, 1])
     loss, acc = tasks.task_loss(logits, correct, alt)
-    # prompt 0: -log(e^2 / (e^2 + e^1)); prompt 1: -log(e^1 / (e^1 + e^2)); the mean, not the sum
-    hand = (-math.log(math.exp(2) / (math.exp(2) + math.exp(1)))
+    # prompt 0: -log(e^3 / (e^3 + e^1)); prompt 1: -log(e^1 / (e^1 + e^2)); the mean, not the sum
+    hand = (-math.log(math.exp(3) / (math.exp(3) + math.exp(1)))
             - math.log(math.exp(1) / (math.exp(1) + math.exp(2)))) / 2
     assert loss.item() == pytest.approx(hand, abs=1e-6)
     assert acc.item() == 0.5   # the other tokens (logit 5) play no part
+    loss, acc = tasks.task_loss(torch.zeros(4, 10), torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
+    assert acc.item() == 0.0 and loss.item() == pytest.approx(math.log(2))   # a tie is chance, not solved
 
 
 def test_batched_right_padded_evaluation_equals_one_prompt_at_a_time(corpus, tiny_gpt):
@@ -759,6 +813,13 @@ def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(t
         data.data_folder(other)
     files, cfg = [os.path.join(HERE, "config.py")], data.DataConfig()   # one set of files under two data_dirs:
     assert data.cache_key(HERE, files, cfg) != data.cache_key(os.path.dirname(HERE), files, cfg)   # two val splits
+
+def test_the_quote_task_closes_with_the_quote_that_opened_the_string(corpus):
+    _, enc = corpus
+    for p in make_prompts("single_double_quote", enc, 40, 0, "test"):
+        text = enc.decode(p.ids)
+        opened = text[max(text.rfind('"'), text.rfind("'"))]
+        assert enc.decode([p.correct]) == opened + ")" != enc.decode([p.alt])
 
 # -----------------------------------------------------------------------------
 # pruning
@@ -869,6 +930,27 @@ def test_frozen_norms_change_nothing_on_the_full_model_and_pin_the_scale_of_a_pr
         with prune.frozen_norms(model, ms):
             model(idx)
     assert got["frozen"].norm() < got["free"].norm()
+
+def test_pretraining_means_are_the_mean_over_every_sampled_token(tmp_path, corpus):
+    folder, _ = corpus
+    model, ckpt = tiny_model(block_size=32), str(tmp_path / "ckpt.pt")
+    torch.save({}, ckpt)
+    cfg = prune.PruneConfig(ckpt=ckpt, out_dir=str(tmp_path), mean_batches=2, mean_batch_size=3)
+    means, _ = prune.pretraining_means(model, ckpt, folder, cfg, "cpu")
+    gen, tokens = torch.Generator().manual_seed(cfg.seed), data.load_tokens(folder, "train")
+    x = torch.cat([data.get_batch(tokens, 3, 32, gen)[0] for _ in range(2)])   # the same 2 x 3 windows
+    _, cache = model.run_with_cache(x, prune.node_sites(model))
+    for s in prune.node_sites(model):
+        torch.testing.assert_close(means[s], cache[s].mean((0, 1)), rtol=1e-4, atol=1e-6)
+
+
+def test_mask_taus_stay_in_minus_1_to_1():
+    model, prompts = answer_model()
+    zeros = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
+    cfg = prune.PruneConfig(steps=30, lr=0.5, batch_size=16, k_coef=0.1)   # big steps push tau past -1
+    taus = prune.train_masks(model, prompts, zeros, cfg, "cpu", log=lambda *a: None)
+    flat = torch.cat([t.detach() for t in prune.unique(taus)])
+    assert flat.min() == -1.0 and flat.max() <= 1.0
 
 # -----------------------------------------------------------------------------
 # edges, bisection
@@ -1074,6 +1156,10 @@ def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, 
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, result.stderr)
     assert not (tmp_path / "out").exists()
+
+def test_headline_geomean_is_geometric_and_counts_an_empty_circuit_as_1():
+    assert headline.geomean([2, 8]) == pytest.approx(4.0) and headline.geomean([0, 4]) == pytest.approx(2.0)
+
 
 def save_tiny(path, model, val_loss=3.0, **train_config):
     """A train.py-like checkpoint of model with the given saved settings (data_dir "" unless given)."""
@@ -1491,6 +1577,14 @@ def test_steer_leaves_out_prompts_longer_than_the_context_and_refuses_when_a_cla
     assert all(0.0 <= p <= 1.0 for p in result["edit"])
     with pytest.raises(UserError, match="fits block_size=16"):
         bridge.steer(tiny_bridge_config(tmp_path / "16", tiny_dense, **steer))
+
+def test_bridge_losses_compute_no_gradient_for_the_frozen_dense_model(tiny_dense):
+    dense, _ = bridge.load_dense(tiny_dense, "cpu")
+    sparse = GPT(dense.config)
+    bridges = bridge.Bridges(bridge.bridge_sites(sparse), 32, 32, 0.25)
+    x = torch.randint(0, 2048, (2, 16))
+    sum(bridge.bridge_losses(sparse, dense, bridges, x, x, "0.resid_mid", "0.resid_mid").values()).backward()
+    assert sparse.wte.weight.grad is not None and all(p.grad is None for p in dense.parameters())
 
 # -----------------------------------------------------------------------------
 # bench
