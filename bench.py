@@ -117,6 +117,7 @@ def measure_training(cfg, steps, warmup, keep_memory=True):
     for _ in range(warmup):
         train_step()
     sec = seconds_per_call(train_step, steps, cfg.device)
+    peak = torch.cuda.max_memory_allocated(cfg.device) if cfg.device.startswith("cuda") else peak_rss()   # training's
     frac = l0_at(step + 1, cfg)
     proj = 0.0
     if frac < 1:                      # one more step, unprojected: the weights the projection gets in a step
@@ -124,7 +125,6 @@ def measure_training(cfg, steps, warmup, keep_memory=True):
             model(x, y)[1].backward()
         optimizer_step(raw, optimizer, step, dataclasses.replace(cfg, l0_frac=1.0))
         proj = projection_seconds(raw, lambda: raw.project_weights(frac), steps, cfg.device)
-    peak = torch.cuda.max_memory_allocated(cfg.device) if cfg.device.startswith("cuda") else peak_rss()
     return {"ms_per_step": sec * 1e3, "tokens_per_s": cfg.batch_size * cfg.block_size / sec,
             "projection_ms": proj * 1e3, "peak_mem_mb": peak / 2**20}
 
@@ -152,8 +152,9 @@ def projection_seconds(model, project, reps, device):
     params = [p for _, p in model.sparse_params()]
     before = [p.detach().clone() for p in params]
     put_back = lambda: torch._foreach_copy_(params, before)
-    return (seconds_per_call(lambda: (put_back(), project()), reps, device)
-            - seconds_per_call(put_back, reps, device))
+    seconds = seconds_per_call(lambda: (put_back(), project()), reps, device) - seconds_per_call(put_back, reps, device)
+    put_back()                        # the weights as they came: the next timing starts from them too
+    return seconds
 
 
 @torch.no_grad()

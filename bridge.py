@@ -330,8 +330,7 @@ def train_bridges(cfg):
             save_checkpoint(ckpt_path, sparse, optimizer, None, done, settings,
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
-                             "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], "data": folder,
-                             "tokenizer": data.tokenizer_id(folder)})
+                             "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], **data.checkpoint_record(folder)})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     print(f"done: {stop - start} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")

@@ -1,7 +1,7 @@
 """
 nanoGPT's `--key=value` overrides, parsed against a settings dataclass (no exec), the one-line
 error every script gives for a user mistake (and the range checks settings share: check_positive,
-check_not_negative, check_seed, check_out_dir), the atomic write of a text output, and the memory
+check_not_negative, check_seed, check_out_dir), atomic writes (atomic_file, write_atomic), and the memory
 allocator setting every script starts with (keep_freed_memory: faster CPU steps).
 
     cfg = parse_args(TrainConfig, sys.argv[1:])   # --help lists the fields and their defaults

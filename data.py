@@ -240,6 +240,11 @@ def tokenizer_id(folder):
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
+def checkpoint_record(folder):
+    """What a checkpoint saves of its data: the folder and its tokenizer's id (data_folder reads them)."""
+    return {"data": folder, "tokenizer": tokenizer_id(folder)}
+
+
 def data_folder(ckpt, data_dir=None, verbose=False):
     """The data folder (tokenizer, tokens) a checkpoint's model was trained with: the one it records,
     while it exists and data_dir (default: the checkpoint's) is the folder it was trained on; else the
@@ -254,13 +259,14 @@ def data_folder(ckpt, data_dir=None, verbose=False):
                         "of .py files it was trained on, to build it again")
     folder = prepare(DataConfig(data_dir=data_dir), verbose)
     if recorded and same_dir and os.path.basename(os.path.normpath(recorded)) != os.path.basename(folder):
+        # the inputs changed since training: data_dir's files, data.py, or the Python whose library it is
         if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer_id(folder):
-            raise UserError(f"the model's data folder {recorded} is gone, and its files in data_dir={data_dir or default_data_dir()} have "
-                            f"changed since: the tokenizer built from them now ({folder}) is not the model's; "
-                            "restore the folder, or the files as they were when the model trained")
-        if not ckpt.get("tokenizer"):   # a checkpoint from before tokenizer ids: it cannot be checked
-            print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "
-                  "now (its tokenizer differs if the files or data.py changed since training)")
+            raise UserError(f"the model's data folder {recorded} is gone, and the tokenizer built now from "
+                            f"data_dir={data_dir or default_data_dir()} ({folder}) is not the model's: its files, "
+                            "data.py or the Python changed since; restore the folder or what changed")
+        same = "with the model's tokenizer" if ckpt.get("tokenizer") else "(its tokenizer differs if they changed)"
+        print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "
+              f"now {same}; its train/val tokens differ if the files changed since training")
     return folder
 
 
@@ -282,7 +288,9 @@ def get_batch(tokens, batch_size, block_size, generator):
 def main(argv):
     cfg = parse_args(DataConfig, argv)
     folder = prepare(cfg)
-    changed = [f"--{k}" for k, v in dataclasses.asdict(cfg).items() if k != "data_dir" and v != getattr(DataConfig, k)]
+    default = dataclasses.replace(DataConfig(), data_dir=cfg.data_dir, cache_dir=os.path.abspath(DataConfig.cache_dir))
+    changed = [f"--{k}" for k, v in dataclasses.asdict(cfg).items()
+               if (os.path.abspath(v) if k == "cache_dir" else v) != getattr(default, k)]
     if changed:
         print(f"note: with {', '.join(changed)} this cache is not the one train.py, tasks.py and prune.py use: "
               "they build theirs with data_dir alone")

@@ -434,9 +434,11 @@ def load_checkpoint(path, device="cpu"):
 def model_in(ckpt, path):
     """The GPT a loaded checkpoint holds, with a one-line error for one this code cannot build."""
     try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:   # a setting this GPTConfig lacks, other shapes
+        model = GPT(GPTConfig(**ckpt["model_config"]))   # TypeError: a setting this GPTConfig lacks
+        model.load_state_dict(ckpt["model"])               # RuntimeError: other shapes or parameters
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} holds a model this code cannot build ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:160]})")
     return model

@@ -444,8 +444,7 @@ def train(cfg):
                 log("sample: " + repr(enc.decode(sample[0].tolist()))[:400])
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, scaler, done, settings,
-                                {"val_loss": losses["val"], "task_loss": losses.get("task"), "data": folder,
-                                 "tokenizer": data.tokenizer_id(folder)})
+                                {"val_loss": losses["val"], "task_loss": losses.get("task"), **data.checkpoint_record(folder)})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     if ddp:   # every rank must hold the same weights: gather them all and compare
