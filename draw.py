@@ -114,7 +114,8 @@ def curve_svg(rec):
     fy = lambda l: height - bottom - (height - top - bottom) * min(l, ymax) / ymax
     loss = "calibrated task loss" if rec["settings"].get("calibrate") else "task loss"   # what k was bisected on
     out = [SVG_HEAD.format(w=width, h=height),
-           text(10, 20, f"{rec['task']}: {loss} against kept nodes (the bisection prompts: fixed, not the masks' own)", 14),
+           text(10, 20, f"{rec['task']}: {loss} against kept nodes (the bisection prompts: fixed, not the masks' own)",
+                14),
            line(left, height - bottom, width - right, height - bottom, "#222"),
            line(left, top, left, height - bottom, "#222"),
            text((left + width) / 2, height - 12, "kept nodes (log scale)", 12, "middle")]

@@ -545,7 +545,7 @@ def main(argv):
         raise UserError(f"{cfg.ckpt}: none of the {len(names)} tasks can be posed to this model (see above)")
     solved = [name for name in full if full[name] <= cfg.target_loss]
     best = min(full, key=full.get)
-    if not solved and len(names) == 1:   # NoCircuit: headline.py, whose own evaluation may round the other way, records it
+    if not solved and len(names) == 1:   # a NoCircuit: headline.py's own evaluation may round the other way
         raise NoCircuit(f"{cfg.ckpt} does not solve {best}: full-model test loss {full[best]:.4f} > "
                         f"--target_loss={cfg.target_loss}")
     if not solved:
@@ -580,8 +580,8 @@ def main(argv):
             L, ns = r["losses"], r.get("nonsense", {})
             extra = (f"{ns['n_nodes']:>14} {ns['n_edges']:>5}" if ns.get("found")
                      else ("none" if ns else "-").rjust(14))       # -: no control run; none: none found
-            print(f"{r['task']:<28} {L['full']:>7.4f} {L['circuit']:>7.4f}{calibrated_column(L)} {L['circuit_ablated']:>7.4f} "
-                  f"{r['n_nodes']:>6} {r['n_edges']:>6} | {extra}")
+            print(f"{r['task']:<28} {L['full']:>7.4f} {L['circuit']:>7.4f}{calibrated_column(L)} "
+                  f"{L['circuit_ablated']:>7.4f} {r['n_nodes']:>6} {r['n_edges']:>6} | {extra}")
         geomean = math.exp(sum(math.log(max(1, r["n_edges"])) for r in records) / len(records))
         print(f"geometric mean of edge counts over {len(records)} task(s), an empty circuit as 1: {geomean:.1f}")
 

@@ -296,7 +296,8 @@ def save_checkpoint(path, model, optimizer, scaler, step, settings, extra):
 # configuration from the command line
 
 def preset_asked(argv):
-    return next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--preset=")), None)   # the last, as parse_args
+    """The --preset given, the last if several (parse_args keeps the last of a repeated key)."""
+    return next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("--preset=")), None)
 
 
 def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
@@ -444,7 +445,8 @@ def train(cfg):
                 log("sample: " + repr(enc.decode(sample[0].tolist()))[:400])
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, scaler, done, settings,
-                                {"val_loss": losses["val"], "task_loss": losses.get("task"), **data.checkpoint_record(folder)})
+                                {"val_loss": losses["val"], "task_loss": losses.get("task"),
+                                 **data.checkpoint_record(folder)})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     if ddp:   # every rank must hold the same weights: gather them all and compare
