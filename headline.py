@@ -20,7 +20,8 @@ k_coef the mask search settles on a set of nodes whose size the penalty decides,
 cannot shrink it (its loss-vs-k curve is a cliff). Circuits are cached:
 out/headline/circuits/<model>/k_coef=<v>[_seed=<s>]/<task>.json is reused when it was pruned from
 the same checkpoint file (path, mtime and size: a retrained one is pruned again) with the same
-target, steps, test prompts, k_coef and seed. <model> is the checkpoint's folder (out/cpu45/ckpt.pt
+prune.py settings (target, steps, test prompts, k_coef, seed, and prune.py's defaults for the rest;
+not the device or the batching). <model> is the checkpoint's folder (out/cpu45/ckpt.pt
 -> cpu45), with a hash of its path where two checkpoints of a run would share it. A task solved on
 the test prompts but without a circuit at the target is left out of its comparison, and a model
 without a circuit for a plotted task is left off the plot, each with a printed note. The table and
@@ -163,11 +164,16 @@ def solved_tasks(model, enc, names, cfg, device):
     return out
 
 
+# prune.py settings that do not change the circuit: where it runs and reads, how it batches and logs
+NOT_IN_RECORD_KEY = ("ckpt", "task", "out_dir", "device", "micro_batches", "eval_batch_size", "log_interval", "nonsense")
+
+
 def record_key(rec):
-    """What a record was pruned from and with: checkpoint file, target, steps, test prompts, k_coef, seed."""
-    s = rec["settings"]   # a record without n_test is from when prune.py always used its default
-    return [rec.get("checkpoint_key"), s["target_loss"], s["steps"], s.get("n_test", prune.PruneConfig.n_test),
-            s["k_coef"], s.get("seed", 0)]
+    """What a record was pruned from and with: the checkpoint file and every other prune.py setting.
+    A setting the record lacks is from before prune.py had it, when it ran as its default does now."""
+    s = rec["settings"]
+    defaults = {f.name: f.default for f in dataclasses.fields(prune.PruneConfig) if f.name not in NOT_IN_RECORD_KEY}
+    return [rec.get("checkpoint_key")] + [s.get(key, default) for key, default in sorted(defaults.items())]
 
 
 def circuit(path, task, k_coef, seed, cfg, device):

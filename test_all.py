@@ -1184,10 +1184,13 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
     sparse = save_tiny(tmp_path / "sparse" / "ckpt.pt", tiny_model(), 3.0)
     far, near = (save_tiny(tmp_path / name / "ckpt.pt", dense(), val) for name, val in (("far", 2.5), ("near", 3.1)))
     real_main, calls = prune.main, []
-    def fast_prune(argv):                                             # the real pruning, with tiny settings
+    tiny = dataclasses.make_dataclass("PruneConfig", [("n_train", int, 32), ("n_eval", int, 16), ("mean_batches", int, 1),
+                                                      ("mean_batch_size", int, 2)], bases=(prune.PruneConfig,))
+    monkeypatch.setattr(prune, "PruneConfig", tiny)                  # the real pruning, with tiny defaults
+    def counted_prune(argv):
         calls.append(argv)
-        real_main(argv + fast_args(argv[0].split("=", 1)[1], argv[2].split("=", 1)[1])[2:])
-    monkeypatch.setattr(prune, "main", fast_prune)
+        real_main(argv)
+    monkeypatch.setattr(prune, "main", counted_prune)
     args = [f"--sparse={sparse}", f"--dense={far},{near}", "--tasks=for_while,if_equals", "--target_loss=0.8",
             "--prune_steps=3", "--k_coefs=1e-4,0.5", "--n_test=16", f"--out_dir={tmp_path / 'h'}", "--device=cpu"]
     headline.main(args)
@@ -1311,6 +1314,11 @@ def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_mo
         os.utime(record, ns=(st.st_atime_ns, st.st_mtime_ns + later))
         headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
         assert len(calls) == pruned
+    changed = json.loads(open_text(record))
+    changed["settings"]["lr"] = 1.0                                    # as if prune.py's default lr had changed since
+    record.write_text(json.dumps(changed))
+    headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
+    assert len(calls) == 4                                             # every setting is in the key: pruned again
     with pytest.raises(UserError, match="search that found no circuit: for_while: no circuit reaches"):
         draw.main([f"--circuit={record}"])                             # draw.py on it: one line, not a KeyError
     (tmp_path / "list.json").write_text("[1, 2]")
