@@ -170,7 +170,8 @@ NOT_IN_RECORD_KEY = ("ckpt", "task", "out_dir", "device", "micro_batches", "eval
 
 def record_key(rec):
     """What a record was pruned from and with: the checkpoint file and every other prune.py setting.
-    A setting the record lacks is from before prune.py had it, when it ran as its default does now."""
+    A setting the record lacks is from before prune.py had it, when it ran as its default does now
+    (records hold all the settings, failures too, since this key took them all)."""
     s = rec["settings"]
     defaults = {f.name: f.default for f in dataclasses.fields(prune.PruneConfig) if f.name not in NOT_IN_RECORD_KEY}
     return [rec.get("checkpoint_key")] + [s.get(key, default) for key, default in sorted(defaults.items())]
@@ -182,8 +183,10 @@ def circuit(path, task, k_coef, seed, cfg, device):
     folder = f"k_coef={k_coef:g}" + (f"_seed={seed}" if seed else "")   # seed 0 keeps the folders it always had
     out_dir = os.path.join(cfg.out_dir, "circuits", model_names(cfg)[path], folder)
     record = os.path.join(out_dir, task + ".json")
-    settings = {"target_loss": cfg.target_loss, "steps": cfg.prune_steps, "n_test": cfg.n_test, "k_coef": k_coef,
-                "seed": seed}
+    argv = [f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
+            f"--steps={cfg.prune_steps}", f"--n_test={cfg.n_test}", f"--k_coef={k_coef}", f"--seed={seed}",
+            f"--device={device}"]
+    settings = dataclasses.asdict(parse_args(prune.PruneConfig, argv))   # all prune.py will run with, as it records
     key = record_key({"checkpoint_key": prune.checkpoint_key(path), "settings": settings})
     if os.path.exists(record):
         with open(record) as f:
@@ -194,9 +197,7 @@ def circuit(path, task, k_coef, seed, cfg, device):
         if record_key(rec) == key:
             return rec if rec["n_nodes"] is not None else None
     try:
-        prune.main([f"--ckpt={path}", f"--task={task}", f"--out_dir={out_dir}", f"--target_loss={cfg.target_loss}",
-                    f"--steps={cfg.prune_steps}", f"--n_test={cfg.n_test}", f"--k_coef={k_coef}", f"--seed={seed}",
-                    f"--device={device}"])
+        prune.main(argv)
     except prune.NoCircuit as e:            # no circuit at this k_coef: remembered, so not searched again
         print(f"  k_coef {k_coef:g}, seed {seed}: {e}")
         os.makedirs(out_dir, exist_ok=True)

@@ -436,8 +436,6 @@ def model_in(ckpt, path):
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))   # TypeError: a setting this GPTConfig lacks
         model.load_state_dict(ckpt["model"])               # RuntimeError: other shapes or parameters
-    except torch.OutOfMemoryError:
-        raise
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} holds a model this code cannot build ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:160]})")

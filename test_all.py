@@ -1314,10 +1314,12 @@ def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_mo
         os.utime(record, ns=(st.st_atime_ns, st.st_mtime_ns + later))
         headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
         assert len(calls) == pruned
-    changed = json.loads(open_text(record))
-    changed["settings"]["lr"] = 1.0                                    # as if prune.py's default lr had changed since
-    record.write_text(json.dumps(changed))
     headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
+    assert len(calls) == 3 and json.loads(open_text(record))["settings"]["lr"] == 3e-3   # the failure: all settings
+    with monkeypatch.context() as m:                                   # prune.py's default lr changed since:
+        m.setattr(prune, "PruneConfig", dataclasses.make_dataclass("PruneConfig", [("lr", float, 1e-2)],
+                                                                   bases=(prune.PruneConfig,)))
+        headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
     assert len(calls) == 4                                             # every setting is in the key: pruned again
     with pytest.raises(UserError, match="search that found no circuit: for_while: no circuit reaches"):
         draw.main([f"--circuit={record}"])                             # draw.py on it: one line, not a KeyError
