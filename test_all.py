@@ -262,6 +262,7 @@ def test_target_nonzeros():
     model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, d_model=16, d_head=16, min_per_channel=0))
     assert model.project_weights(0.001) == len(model.sparse_params())   # one weight each, where k = 0 used to crash
 
+
 def test_init_scales_the_output_projections_by_depth():
     torch.manual_seed(0)
     model = GPT(tiny_config(n_layer=4, d_model=128))
@@ -269,6 +270,38 @@ def test_init_scales_the_output_projections_by_depth():
         for proj in (block.attn.c_proj, block.mlp.c_proj):     # N(0, 0.02 / sqrt(2 n_layer)) [code]
             assert proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
         assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_the_attention_sink_starts_at_0_and_learns():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 64, (2, 16))
+    model(idx, idx)[1].backward()
+    for block in model.blocks:
+        assert (block.attn.sink == 0).all() and block.attn.sink.grad.abs().min() > 0
+
+
+def test_learned_pos_adds_a_position_embedding_to_the_token_embedding():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(learned_pos=True))
+    idx = torch.randint(0, 64, (2, 16))
+    _, cache = model.run_with_cache(idx, ["0.resid_pre"])
+    torch.testing.assert_close(cache["0.resid_pre"], model.wte(idx) + model.wpe.weight[:16])
+    assert GPT(tiny_config()).wpe is None                    # off by default: no positional embedding
+
+
+def test_sparse_biases_false_leaves_every_bias_dense():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(sparse_biases=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    model.project_weights(0.05)
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    assert biases and all((p != 0).all() for p in biases)
+    assert not any(name.endswith("bias") for name, _ in model.sparse_params())
+
 
 # -----------------------------------------------------------------------------
 # training pieces
@@ -372,6 +405,7 @@ def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path):
     assert not_ours.read_bytes() == b"not a checkpoint"
     assert not (tmp_path / "o").exists()
 
+
 def test_an_optimizer_step_does_not_depend_on_the_loss_scale():
     cfg = tiny_train_config("out/never", l0_frac=1.0, device="cpu")
     weights = []
@@ -404,6 +438,40 @@ def test_every_step_micro_step_and_rank_draws_its_own_batch():
     xs = [train.batch_for(tokens, s, m, cfg, r)[0] for s, m, r in keys]
     assert len({tuple(x.flatten().tolist()) for x in xs}) == 4  # accumulation averages distinct batches
     assert torch.equal(train.batch_for(tokens, 3, 1, cfg, 0)[0], xs[1])   # and draws them again on resume
+
+
+def test_the_anneal_and_warmup_follow_their_settings():
+    cfg = train.TrainConfig(max_iters=1000, l0_frac=0.25, anneal_start=0.2, anneal_end=0.6, learning_rate=0.01)
+    assert train.l0_at(150, cfg) == 1.0 and train.l0_at(200, cfg) == 1.0          # dense until anneal_start
+    assert train.l0_at(400, cfg) == pytest.approx(0.625) and train.l0_at(600, cfg) == pytest.approx(0.25)
+    cfg = train.TrainConfig(max_iters=1000, l0_frac=1 / 16, learning_rate=0.01)     # warmup: 10 steps
+    assert train.lr_at(10, cfg) == pytest.approx(0.01 * math.sqrt(1 / 16))          # the peak, then decay: no overshoot
+
+
+def test_estimate_loss_is_the_mean_over_its_fixed_batches(corpus):
+    folder, _ = corpus
+    cfg = tiny_train_config("out/never", eval_iters=3, device="cpu")
+    torch.manual_seed(0)
+    model = train.make_model(cfg)
+    tokens = data.load_tokens(folder, "val")
+    out = train.estimate_loss(model, {"val": tokens}, cfg, train.autocast_for(cfg))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        losses = [model(*data.get_batch(tokens, cfg.batch_size, cfg.block_size, gen))[1].item() for _ in range(3)]
+    assert out["val"] == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
+def test_an_infinite_loss_stops_the_run_too():
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(UserError, match="training diverged"):
+            train.check_finite(bad, 5, "ckpt.pt", 0)
+    train.check_finite(3.25, 5, "ckpt.pt", 0)
+
+
+def test_an_empty_or_trailing_comma_list_setting_parses_to_its_items():
+    assert parse_args(train.TrainConfig, ["--sparse_sites="]).sparse_sites == ()         # AbsTopK nowhere
+    assert parse_args(train.TrainConfig, ["--sparse_sites=attn_q,"]).sparse_sites == ("attn_q",)
+
 
 # -----------------------------------------------------------------------------
 # data
@@ -515,6 +583,7 @@ def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_pa
     assert x.shape == y.shape == (2, 32)
     assert not (tmp_path / "o").exists()
 
+
 def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     write_atomic(path, "old")
@@ -523,6 +592,12 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pat
             f.write(b"half")
             1 / 0
     assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_bpe_counts_only_the_pairs_a_merge_leaves():
+    ranks = data.train_bpe(Counter({"aaab": 5, "ab": 3}), vocab_size=256 + 4)
+    # after aa and ab, "aaab" is [aa, ab]: its old pair (aa, a) is gone, so the third merge is aa+ab
+    assert list(ranks)[256:] == [b"aa", b"ab", b"aaab"]
 
 
 # -----------------------------------------------------------------------------
@@ -637,6 +712,7 @@ def test_torchrun_two_cpu_processes_hold_identical_weights(tmp_path, corpus):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ddp: weights identical on all 2 ranks" in result.stdout
     assert "2 process(es)" in result.stdout
+
 
 def test_gradient_accumulation_reports_the_mean_loss_not_the_sum(tmp_path, corpus):
     history = train.train(tiny_train_config(tmp_path / "acc", max_iters=1, eval_interval=1, eval_task="",
@@ -818,12 +894,38 @@ def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(t
     files, cfg = [os.path.join(HERE, "config.py")], data.DataConfig()   # one set of files under two data_dirs:
     assert data.cache_key(HERE, files, cfg) != data.cache_key(os.path.dirname(HERE), files, cfg)   # two val splits
 
+
 def test_the_quote_task_closes_with_the_quote_that_opened_the_string(corpus):
     _, enc = corpus
     for p in make_prompts("single_double_quote", enc, 40, 0, "test"):
         text = enc.decode(p.ids)
         opened = text[max(text.rfind('"'), text.rfind("'"))]
         assert enc.decode([p.correct]) == opened + ")" != enc.decode([p.alt])
+
+
+def test_each_tasks_correct_answer_follows_its_rule(corpus):
+    _, enc = corpus
+    last = lambda t: t.split("\n")[-1]
+    rules = {
+        "bracket_counting": lambda t: "]]" if last(t)[last(t).index("= [") + 3] == "[" else "]",
+        "for_while": lambda t: " in" if last(t).lstrip().startswith("for ") else ":",
+        "with_as": lambda t: " as" if last(t).lstrip().startswith("with ") else "\n",
+        "var_swap": lambda t: " " + last(t).split(",")[0].strip(),                        # a, b = b, -> a
+        "class_init": lambda t: " " + t.rsplit("self.", 1)[1].split(" ")[0].lstrip("_"),  # self.x = -> x
+        "indent_for": lambda t: " " * (len(t.split("\n")[-2]) - len(t.split("\n")[-2].lstrip()) + 3),
+    }
+    for name, rule in rules.items():
+        for p in make_prompts(name, enc, 40, 0, "test"):
+            text = enc.decode(p.ids)
+            assert enc.decode([p.correct]) == rule(text) != enc.decode([p.alt]), (name, text[-40:])
+
+
+def test_prompts_are_distinct_even_where_a_task_repeats_itself(corpus, monkeypatch):
+    _, enc = corpus
+    monkeypatch.setitem(tasks.TASKS, "few", lambda rng, label: (f"x = {rng.randint(0, 30)}\n", *tasks.pick(label, "]", ")")))
+    prompts = make_prompts("few", enc, 10, 0, "train")                 # about 15 train prompts exist
+    assert len({tuple(p.ids) for p in prompts}) == 10
+
 
 # -----------------------------------------------------------------------------
 # pruning
@@ -935,6 +1037,7 @@ def test_frozen_norms_change_nothing_on_the_full_model_and_pin_the_scale_of_a_pr
             model(idx)
     assert got["frozen"].norm() < got["free"].norm()
 
+
 def test_pretraining_means_are_the_mean_over_every_sampled_token(tmp_path, corpus):
     folder, _ = corpus
     model, ckpt = tiny_model(block_size=32), str(tmp_path / "ckpt.pt")
@@ -956,6 +1059,32 @@ def test_mask_taus_stay_in_minus_1_to_1():
         taus = prune.train_masks(model, prompts, zeros, cfg, "cpu", log=lambda *a: None)
         flat = torch.cat([t.detach() for t in prune.unique(taus)])
         assert flat.min() >= -1.0 and flat.max() <= 1.0 and getattr(flat, bound)().abs() == 1.0, k_coef
+
+
+def test_freeze_norm_batches_pin_the_norms_of_a_pruned_model(corpus):
+    _, enc = corpus
+    model, prompts = tiny_model(), make_prompts("for_while", enc, 4, 0, "test")
+    frozen, free = (prune.make_batch(model, prompts, "cpu", freeze) for freeze in (True, False))
+    sites = prune.node_sites(model)
+    means = {s: torch.full((prune.dim_of(model, s),), 0.1) for s in sites}
+    kept = {s: torch.ones(prune.dim_of(model, s)) for s in sites}
+    torch.testing.assert_close(prune.circuit_logits(model, frozen, kept, means),
+                               prune.circuit_logits(model, free, kept, means), rtol=0, atol=1e-5)
+    none = {s: torch.zeros(prune.dim_of(model, s)) for s in sites}
+    assert not torch.allclose(prune.circuit_logits(model, frozen, none, means),
+                              prune.circuit_logits(model, free, none, means))
+
+
+def test_task_means_average_the_prompts_positions_not_the_padding(corpus):
+    _, enc = corpus
+    model, prompts = tiny_model(), make_prompts("bracket_brace", enc, 6, 0, "test")   # mixed lengths: padding
+    batches = prune.make_batches(model, prompts, "cpu", prune.PruneConfig(eval_batch_size=6))
+    means = prune.task_means(model, batches)
+    caches = [model.run_with_cache(torch.tensor([p.ids]), prune.node_sites(model))[1] for p in prompts]
+    for s in prune.node_sites(model):
+        expected = torch.cat([c[s][0] for c in caches]).mean(0)
+        torch.testing.assert_close(means[s], expected, rtol=1e-4, atol=1e-6)
+
 
 # -----------------------------------------------------------------------------
 # edges, bisection
@@ -1044,6 +1173,7 @@ def test_bisection_on_a_model_with_a_known_circuit_and_masks_that_learn_it():
     # the mask optimization itself keeps the carriers (tau > 0) and drops the rest
     taus = prune.train_masks(model, prompts, zeros, cfg, "cpu", log=lambda *a: None)
     assert {(s, i) for s, t in taus.items() for i in (t > 0).nonzero()[:, 0].tolist()} == CARRIERS
+
 
 def test_length_sorted_micro_batches_give_the_batch_gradient(corpus):
     _, enc = corpus
@@ -1331,6 +1461,35 @@ def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_mo
             headline.HeadlineConfig(n_test=bad)
 
 
+def test_zero_ablation_holds_nodes_at_0_and_the_nonsense_control_swaps_the_answers(tmp_path, tiny_ckpt, monkeypatch):
+    real, searched = prune.search, []
+    monkeypatch.setattr(prune, "search", lambda model, prompts, *a: searched.append(prompts) or real(model, prompts, *a))
+    prune.main(fast_args(tiny_ckpt, tmp_path / "z", "--target_loss=0.8", "--task=for_while", "--ablation=zero",
+                         "--nonsense=True"))
+    rec = json.loads(open_text(tmp_path / "z" / "for_while.json"))
+    assert rec["means"] == "zero" and all(n["mean"] == 0.0 for n in rec["nodes"])
+    task, control = searched                                       # the control: the same prompts, answers swapped
+    assert [(p.ids, p.correct, p.alt) for p in control] == [(p.ids, p.alt, p.correct) for p in task]
+
+
+def test_the_circuit_picture_puts_layer_0_at_the_bottom_and_a_neuron_over_its_neighbour():
+    node = lambda s, i: {"site": s, "index": i, "mean": 0.0, "tau": 0.5}
+    rec = {"task": "t", "n_nodes": 4, "n_edges": 1, "model_config": {"d_head": 16}, "settings": {"target_loss": 0.15},
+           "losses": {"circuit": 0.1, "full": 0.1, "circuit_ablated": 0.7},
+           "nodes": [node("0.mlp.act_in", 3), node("0.mlp.act_in", 7), node("0.mlp.post_act", 5), node("1.attn.act_in", 3)],
+           "edges": [{"src": "0.mlp.act_in", "i": 7, "dst": "0.mlp.post_act", "j": 5, "w": 1.0}]}
+    ns = "{http://www.w3.org/2000/svg}"
+    at = {c.find(f"{ns}title").text.split(" ")[0]: (float(c.get("cx")), float(c.get("cy")))
+          for c in ET.fromstring(draw.circuit_svg(rec)).findall(f"{ns}circle")}
+    assert at["0.mlp.act_in[3]"][1] > at["0.mlp.post_act[5]"][1] > at["1.attn.act_in[3]"][1]   # the flow goes up
+    assert at["0.mlp.post_act[5]"][0] == at["0.mlp.act_in[7]"][0]                          # over its one neighbour
+
+
+def test_headline_compares_only_the_tasks_every_model_solves():
+    models = {"s": {"solved": {"for_while": 0.1, "with_as": 0.1}}, "d": {"solved": {"with_as": 0.12, "var_if": 0.1}}}
+    assert headline.solved_by_all(["s", "d"], models) == ["with_as"]
+
+
 # -----------------------------------------------------------------------------
 # bridges
 
@@ -1597,6 +1756,7 @@ def test_steer_leaves_out_prompts_longer_than_the_context_and_refuses_when_a_cla
     with pytest.raises(UserError, match="fits block_size=16"):
         bridge.steer(tiny_bridge_config(tmp_path / "16", tiny_dense, **steer))
 
+
 def test_bridge_losses_compute_no_gradient_for_the_frozen_dense_model(tiny_dense):
     dense, _ = bridge.load_dense(tiny_dense, "cpu")
     sparse = GPT(dense.config)
@@ -1604,6 +1764,20 @@ def test_bridge_losses_compute_no_gradient_for_the_frozen_dense_model(tiny_dense
     x = torch.randint(0, 2048, (2, 16))
     sum(bridge.bridge_losses(sparse, dense, bridges, x, x, "0.resid_mid", "0.resid_mid").values()).backward()
     assert sparse.wte.weight.grad is not None and all(p.grad is None for p in dense.parameters())
+
+
+def test_bridge_steps_draw_their_hybrid_sites_anew_each_step(monkeypatch):
+    dense, sparse, bridges = two_bridged_models()
+    sparse.train()
+    cfg = bridge.BridgeConfig(device="cpu", max_iters=8, n_layer=2, d_model=32, block_size=16, l0_frac=0.5, eval_task="")
+    optimizer, bridge_opt = train.make_optimizer(sparse, cfg), torch.optim.AdamW(bridges.parameters())
+    real, drawn = bridge.bridge_losses, []
+    monkeypatch.setattr(bridge, "bridge_losses", lambda *a: drawn.append(a[-2:]) or real(*a))
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    for step in range(cfg.max_iters):
+        bridge.train_step(sparse, dense, bridges, optimizer, bridge_opt, x, y, step, cfg)
+    assert len(set(drawn)) > 1 and {s for pair in drawn for s in pair} <= set(bridges.sites)
+
 
 # -----------------------------------------------------------------------------
 # bench
@@ -1660,6 +1834,7 @@ print(threshold, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 # -----------------------------------------------------------------------------
 # bad input to prune.py (and every script's out_dir): a one-line error before any work
+
 
 def test_every_script_refuses_an_out_dir_that_is_empty_or_a_file():
     for cls in (train.TrainConfig, bridge.BridgeConfig, prune.PruneConfig, headline.HeadlineConfig, bench.BenchConfig):
