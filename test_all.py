@@ -1739,6 +1739,43 @@ def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the
     assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.0
 
 
+def test_steering_follows_its_recipe_by_hand(tmp_path, tiny_dense):
+    bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, block_size=64, max_iters=1))
+    steer = dict(steer=True, steer_prompts=8, steer_site="0.resid_mid", steer_controls=1)
+    result = bridge.steer(tiny_bridge_config(tmp_path / "b", tiny_dense, **steer))   # the default channel
+    sparse, dense, bridges, folder = bridge.load_bridged(tiny_bridge_config(tmp_path / "b", tiny_dense, device="cpu"))
+    prompts = [p for p in make_prompts("single_double_quote", data.get_encoding(folder), 8, 1337, "test")
+               if len(p.ids) <= 64]
+    site, source, runs = "0.resid_mid", [p for p in prompts if p.label == 1], [p for p in prompts if p.label == 0]
+    act = lambda model, p: model.run_with_cache(torch.tensor([p.ids]), [site])[1][site]   # (1, T, d)
+    sources = [act(sparse, p)[0] for p in source]
+
+    def edited(s, c):   # channel c at each position: the source prompts' mean as many tokens before their end
+        out, T = s.clone(), s.size(1)
+        for j in range(min(T, max(len(a) for a in sources))):
+            out[0, T - 1 - j, c] = torch.stack([a[len(a) - 1 - j, c] for a in sources if len(a) > j]).mean()
+        return out
+
+    def shift(c):       # the sparse model's own answer under the edit of channel c, against unedited
+        diffs = []
+        for p in runs:
+            with sparse.hooks({site: lambda x, name: edited(x, c)}):
+                logits = sparse(torch.tensor([p.ids]))[0][:, -1]
+            diffs.append((logits[0, p.correct] - logits[0, p.alt] - tasks.logit_diffs(sparse, [p], "cpu")[0]).item())
+        return np.mean(diffs)
+    channel = min(range(32), key=shift)
+    assert result["channel"] == channel and shift(channel) < 0     # the channel that moves the answer most
+
+    def dense_probs(p, delta):
+        with dense.hooks({site: lambda x, name: x + delta}):
+            pr = F.softmax(dense(torch.tensor([p.ids]))[0][0, -1], -1)
+        return pr[p.correct].item(), pr[p.alt].item()
+    edits = [dense_probs(p, bridges.decode(site, edited(act(sparse, p), channel)) - bridges.decode(site, act(sparse, p)))
+             for p in runs]
+    assert result["edit"] == pytest.approx(tuple(map(np.mean, zip(*edits))), rel=1e-5)
+    assert result["edit"] != pytest.approx(result["before"], rel=1e-4)     # the edit moves the dense model
+
+
 def test_steer_leaves_out_prompts_longer_than_the_context_and_refuses_when_a_class_has_none(tmp_path, tiny_dense,
                                                                                             capsys):
     for block in (64, 16):
