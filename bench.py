@@ -304,12 +304,13 @@ def main(argv):
                  if r["radix_over_topk_step"] else ""))
     os.makedirs(bc.out_dir, exist_ok=True)
     path = os.path.join(bc.out_dir, f"{device.replace(':', '')}.json")
-    write_atomic(path, json.dumps(result, indent=1))   # now: kept should pruning fail (e.g. an unsolved task)
+    save = lambda: write_atomic(path, json.dumps(result, indent=1))
+    save()                            # now: kept should pruning fail (e.g. an unsolved task)
     print(f"wrote {path}")
     if bc.prune_ckpt:
         result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
-        write_atomic(path, json.dumps(result, indent=1))
+        save()
         print(f"added prune_seconds to {path}")
 
 

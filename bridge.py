@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 import data
 import tasks
-from config import UserError, as_arg, check_not_negative, check_positive, parse_args, resolve_device, run_main
+from config import (UserError, as_arg, check_not_negative, check_positive, parse_args, resolve_device, run_main,
+                    write_atomic)
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint, model_in
 from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, check_finite, estimate_loss, is_dense,
                    load_optimizer_state, make_optimizer, optimizer_step, resumed_config, save_checkpoint)
@@ -281,6 +282,7 @@ def train_bridges(cfg):
             raise UserError(f"--init_sparse={cfg.init_sparse} was trained on data_dir={init_dir!r}, the dense model "
                             f"on {data_dir!r}: both models must read the same tokens")
     folder = data.data_folder(dense_ckpt, verbose=True)   # the dense model's own tokenizer
+    data_record = data.checkpoint_record(folder)          # saved with each checkpoint
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
     sparse = GPT(cfg.model_config()).to(cfg.device)
     check_bridgeable(dense.config, sparse.config)
@@ -307,8 +309,7 @@ def train_bridges(cfg):
     elif os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(settings, f, indent=1)
+    write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(settings, indent=1))   # as train.py does
     print(f"dense {cfg.dense}: d_model {dense.config.d_model}; sparse: d_model {sparse.config.d_model}, "
           f"L0 {cfg.l0_frac:g}, AbsTopK {cfg.afrac:g}; {len(bridges.sites)} bridge sites")
 
@@ -330,7 +331,7 @@ def train_bridges(cfg):
             save_checkpoint(ckpt_path, sparse, optimizer, None, done, settings,
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
-                             "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], **data.checkpoint_record(folder)})
+                             "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], **data_record})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     print(f"done: {stop - start} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")

@@ -370,7 +370,7 @@ def train(cfg):
     ckpt = load_checkpoint(ckpt_path, cfg.device) if cfg.resume else None
     folder = (data.data_folder(ckpt, cfg.data_dir, verbose=master) if ckpt   # the tokenizer it trained with
               else data.prepare(data.DataConfig(data_dir=cfg.data_dir), verbose=master))
-    enc = data.get_encoding(folder)
+    enc, data_record = data.get_encoding(folder), data.checkpoint_record(folder)   # the record: in every checkpoint
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) < cfg.block_size + 2:   # get_batch draws windows of block_size + 1 tokens
@@ -445,8 +445,7 @@ def train(cfg):
                 log("sample: " + repr(enc.decode(sample[0].tolist()))[:400])
             if master:
                 save_checkpoint(ckpt_path, raw, optimizer, scaler, done, settings,
-                                {"val_loss": losses["val"], "task_loss": losses.get("task"),
-                                 **data.checkpoint_record(folder)})
+                                {"val_loss": losses["val"], "task_loss": losses.get("task"), **data_record})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
     if ddp:   # every rank must hold the same weights: gather them all and compare
