@@ -23,8 +23,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
 - forward time with no hook against recording one site; the time to prune one task (if given a
   checkpoint that solves it).
 - where the preset compiles (the GPU preset on a GPU; --cpu_compile=True): dense and sparse eager
-  too, for what torch.compile buys, and sparse with AbsTopK by radix select (abstopk_by=radix), which
-  it fuses.
+  too, for what torch.compile buys, and sparse with AbsTopK the other way (the GPU preset selects by
+  radix, abstopk_by=radix, which compile fuses; the variant sparse_topk by topk).
 """
 
 import dataclasses
@@ -87,9 +87,8 @@ def seconds_per_call(fn, n, device):
 def variant(shape, device, batch_size, cpu_compile=False, **overrides):
     """The TrainConfig of a preset shape, with overrides (l0_frac, afrac)."""
     cfg = TrainConfig(preset=shape, **{**PRESETS[shape], "device": device, "batch_size": batch_size})
-    cfg = dataclasses.replace(cfg, **overrides)
-    cfg.compile = cfg.compile if device.startswith("cuda") else cpu_compile   # the GPU preset compiles
-    return cfg
+    compile = cfg.compile if device.startswith("cuda") else cpu_compile   # the GPU preset compiles
+    return dataclasses.replace(cfg, compile=compile, abstopk_by=cfg.abstopk_by if compile else "topk", **overrides)
 
 
 def measure_training(cfg, steps, warmup, keep_memory=True):
@@ -242,8 +241,10 @@ def bench_shape(shape, bc, device, peaks):
     no_abstopk = variant(shape, device, batch, bc.cpu_compile, afrac=1.0)
     variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
     if sparse.compile:                # the GPU preset compiles: what that buys against eager, and AbsTopK fused
-        variants += [(name + "_eager", dataclasses.replace(cfg, compile=False)) for name, cfg in variants[:2]]
-        variants.append(("sparse_radix", dataclasses.replace(sparse, abstopk_by="radix")))
+        variants += [(name + "_eager", dataclasses.replace(cfg, compile=False, abstopk_by="topk"))
+                     for name, cfg in variants[:2]]
+        other = "topk" if sparse.abstopk_by == "radix" else "radix"   # AbsTopK's other way, under compile
+        variants.append((f"sparse_{other}", dataclasses.replace(sparse, abstopk_by=other)))
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
     for name, cfg in variants:
@@ -265,6 +266,7 @@ def bench_shape(shape, bc, device, peaks):
     topk_ms, topk_plain_ms = topk_alone_ms(sparse, bc.steps)
     s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
     over_sparse = lambda name: runs[name]["ms_per_step"] / s if name in runs else None   # the optional variants
+    radix_over_topk = over_sparse("sparse_radix") or (1 / over_sparse("sparse_topk") if "sparse_topk" in runs else None)
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
             "matmul_peak_flops": peaks[dtype], "runs": runs,
             "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,
@@ -275,7 +277,7 @@ def bench_shape(shape, bc, device, peaks):
             "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
             "compile_speedup": {v: runs[v + "_eager"]["ms_per_step"] / runs[v]["ms_per_step"]
                                 for v in ("dense", "sparse") if v + "_eager" in runs},
-            "allocator_speedup": over_sparse("sparse_glibc_malloc"), "radix_over_topk_step": over_sparse("sparse_radix")}
+            "allocator_speedup": over_sparse("sparse_glibc_malloc"), "radix_over_topk_step": radix_over_topk}
 
 
 def main(argv):

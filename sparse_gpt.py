@@ -400,19 +400,23 @@ def target_nonzeros(shape, frac, min_per_channel):
     return min(numel, max(round(frac * numel), floor, 1))
 
 
-def topk_weight_mask(w, k, min_per_channel):
+def topk_weight_mask(w, k, min_per_channel, by=None):
     """0/1 masks for a stack w (P, *shape) of same-shape parameters, each keeping exactly k entries:
     a matrix's top-min_per_channel |w| of every row first, then the largest |w| of the rest.
-    A threshold and a tie fill instead of a full sort (see bench.py)."""
+    by: "kthvalue" (the default on a CPU), a threshold and a tie fill, ties to the lowest index; or
+    "topk" (the default elsewhere), topk's indices, ties as its kernel picks. Neither sorts fully."""
     score = w.detach().abs().float()
     if w.dim() == 3 and min_per_channel > 0:
         top = score.topk(min(min_per_channel, w.shape[2]), dim=2).indices
-        score.scatter_(2, top, float("inf"))       # guaranteed keepers sort above everything
+        score.scatter_(2, top, float("inf"))       # guaranteed keepers rank above everything
     flat = score.flatten(1)                        # (P, numel)
-    # each one's k-th largest |w|: kthvalue is O(n) on a CPU but slow on CUDA, where topk is fast
-    threshold = (flat.kthvalue(flat.size(1) - k + 1, dim=1, keepdim=True).values if flat.device.type == "cpu"
-                 else flat.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True))   # k - 1 at most above it
-    above, ties = flat > threshold, flat == threshold
+    if (by or ("kthvalue" if w.device.type == "cpu" else "topk")) == "topk":
+        # kthvalue is slow on CUDA, and the tie fill's cumsum over a few 1M-long rows runs one row per
+        # thread block there: 5.7 of the projection's 8.7 ms in the gpu preset's step (README)
+        idx = flat.topk(k, dim=1, sorted=False).indices
+        return torch.zeros_like(flat).scatter_(1, idx, 1.0).view_as(w).to(w.dtype)
+    threshold = flat.kthvalue(flat.size(1) - k + 1, dim=1, keepdim=True).values   # O(n) on a CPU
+    above, ties = flat > threshold, flat == threshold                             # k - 1 at most above it
     missing = k - above.sum(1, keepdim=True)                 # ties at the threshold: take the first ones
     mask = above | (ties & (ties.cumsum(1) <= missing))      # (all on the device: no host sync)
     return mask.view_as(w).to(w.dtype)

@@ -244,12 +244,19 @@ def test_projection_exact_counts_min_per_channel_and_dense_parts_untouched():
     assert "bigram" not in [n for n, _ in model.sparse_params()]
 
 
-def test_topk_weight_mask_is_exact_with_ties():
+@pytest.mark.parametrize("by", ["kthvalue", "topk"])   # the CPU's default and CUDA's, both run here
+def test_topk_weight_mask_is_exact_with_ties(by):
     w = torch.zeros(10, 10)
     w[0, :3] = 1.0
-    mask = topk_weight_mask(torch.stack([w, -w.T]), 45, 4)           # a stack: each keeps its own 45
+    mask = topk_weight_mask(torch.stack([w, -w.T]), 45, 4, by)       # a stack: each keeps its own 45
     assert mask.sum((1, 2)).tolist() == [45, 45] and (mask.sum(2) >= 4).all()
     assert mask[0, 0, :3].all() and mask[1, :3, 0].all()
+    torch.manual_seed(0)
+    w = torch.randn(3, 64, 32) * torch.rand(3, 64, 1)                # no ties: one right answer
+    assert torch.equal(topk_weight_mask(w, 300, 2, by), topk_weight_mask(w, 300, 2, "kthvalue"))
+    keep = topk_weight_mask(w, 300, 2, by).bool()
+    assert (keep.sum(2) >= 2).all() and (w.abs()[keep].min() > 0)
+    assert keep.sum((1, 2)).tolist() == [300] * 3 and w.dtype == topk_weight_mask(w, 300, 2, by).dtype
 
 
 def test_target_nonzeros():
