@@ -219,10 +219,6 @@ def smallest_circuit(path, task, cfg, device):
     return min(found, key=lambda rec: rec["n_edges"])
 
 
-def geomean(values):
-    return math.exp(sum(math.log(max(1, v)) for v in values) / len(values))   # an empty circuit counts as 1
-
-
 def plot_svg(points):
     """Val loss (x) against the geometric mean of circuit edges (y, log scale), one labeled dot per model."""
     w, h, pad = 560, 380, 60
@@ -292,7 +288,7 @@ def compare(sparse_path, dense_paths, models, cfg, device):
                      "sparse_seed": s["settings"]["seed"], "dense_seed": d["settings"]["seed"]})
     if not rows:
         raise UserError(f"no task has a circuit at --target_loss={cfg.target_loss} in both {sparse_path} and {match}")
-    gs, gd = geomean([r["sparse_edges"] for r in rows]), geomean([r["dense_edges"] for r in rows])
+    gs, gd = prune.geomean([r["sparse_edges"] for r in rows]), prune.geomean([r["dense_edges"] for r in rows])
     return {"sparse": sparse_path, "matched_dense": match, "val_loss_gap": gap, "rows": rows,
             "geomean_sparse": gs, "geomean_dense": gd, "ratio": gd / gs}
 
@@ -337,7 +333,8 @@ def main(argv):
             except prune.NoCircuit as e:   # a model only on the plot, without a circuit for a task: off the plot
                 print(f"plot: {m['name']} left out: {e}")
                 continue
-            points.append({"name": m["name"], "kind": m["kind"], "val_loss": m["val_loss"], "geomean_edges": geomean(edges)})
+            points.append({"name": m["name"], "kind": m["kind"], "val_loss": m["val_loss"],
+                           "geomean_edges": prune.geomean(edges)})
     for c in comparisons:
         print_table(c, models)
     print(f"plot: geometric mean of edges over {', '.join(plot_tasks) or 'no task common to every comparison'}")

@@ -520,6 +520,11 @@ def report(rec, log=print):
         log(f"  nonsense control: no circuit at the target (best train loss {ns['best_train_loss']:.4f})")
 
 
+def geomean(edge_counts):
+    """The paper's summary of circuit sizes: their geometric mean, an empty circuit counted as 1."""
+    return math.exp(sum(math.log(max(1, n)) for n in edge_counts) / len(edge_counts))
+
+
 def main(argv):
     cfg = parse_args(PruneConfig, argv)
     device = resolve_device(cfg.device)
@@ -582,8 +587,8 @@ def main(argv):
                      else ("none" if ns else "-").rjust(14))       # -: no control run; none: none found
             print(f"{r['task']:<28} {L['full']:>7.4f} {L['circuit']:>7.4f}{calibrated_column(L)} "
                   f"{L['circuit_ablated']:>7.4f} {r['n_nodes']:>6} {r['n_edges']:>6} | {extra}")
-        geomean = math.exp(sum(math.log(max(1, r["n_edges"])) for r in records) / len(records))
-        print(f"geometric mean of edge counts over {len(records)} task(s), an empty circuit as 1: {geomean:.1f}")
+        print(f"geometric mean of edge counts over {len(records)} task(s), an empty circuit as 1: "
+              f"{geomean([r['n_edges'] for r in records]):.1f}")
 
 
 if __name__ == "__main__":

@@ -1302,8 +1302,8 @@ def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, 
         prune.main(fast_args(tiny_ckpt, tmp_path / "out", "--task=for_while", "--target_loss=0.3"))
 
 
-def test_headline_geomean_is_geometric_and_counts_an_empty_circuit_as_1():
-    assert headline.geomean([2, 8]) == pytest.approx(4.0) and headline.geomean([0, 4]) == pytest.approx(2.0)
+def test_geomean_is_geometric_and_counts_an_empty_circuit_as_1():
+    assert prune.geomean([2, 8]) == pytest.approx(4.0) and prune.geomean([0, 4]) == pytest.approx(2.0)
 
 
 def save_tiny(path, model, val_loss=3.0, **train_config):
