@@ -159,7 +159,8 @@ def projection_seconds(model, project, reps, device):
 @torch.no_grad()
 def naive_project(model, frac):
     """Reference projection: sort every parameter fully, O(n log n), keep the top k with each row's
-    top min_per_channel first (ties: the first index, as ours). Same result, the slow way."""
+    top min_per_channel first (ties: the first index, as ours on a CPU; on CUDA ours keeps the same
+    count, ties as topk picks). Same result, the slow way."""
     m = model.config.min_per_channel
     for _, p in model.sparse_params():
         k = target_nonzeros(p.shape, frac, m)

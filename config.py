@@ -45,7 +45,16 @@ def as_arg(value):
 
 
 def parse_args(cls, argv, base=None):
-    """Apply ['--key=value', ...] to base (default: cls()); unknown keys and bad types are UserErrors."""
+    """Apply ['--key=value', ...] to base (default: cls()); unknown keys and bad types are UserErrors,
+    and so is what cls's checks refuse."""
+    try:
+        return cls(**parse_values(cls, argv, base))
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e))
+
+
+def parse_values(cls, argv, base=None):
+    """parse_args's settings as a dict, each parsed by its type but not yet checked together."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = dataclasses.asdict(base) if base is not None else {}
     if "--help" in argv or "-h" in argv:
@@ -64,10 +73,7 @@ def parse_args(cls, argv, base=None):
             raise UserError(f"unknown setting --{key}{hint}; see --help")
         default = getattr(base, key) if base is not None else default_of(fields[key])
         values[key] = parse_value(text, default, key)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise UserError(str(e))
+    return values
 
 
 def default_of(field):

@@ -412,7 +412,7 @@ def topk_weight_mask(w, k, min_per_channel, by=None):
     flat = score.flatten(1)                        # (P, numel)
     if (by or ("kthvalue" if w.device.type == "cpu" else "topk")) == "topk":
         # kthvalue is slow on CUDA, and the tie fill's cumsum over a few 1M-long rows runs one row per
-        # thread block there: 5.7 of the projection's 8.7 ms in the gpu preset's step (README)
+        # thread block there: 5.7 of the projection's 8.6 ms in the gpu preset's step (README)
         idx = flat.topk(k, dim=1, sorted=False).indices
         return torch.zeros_like(flat).scatter_(1, idx, 1.0).view_as(w).to(w.dtype)
     threshold = flat.kthvalue(flat.size(1) - k + 1, dim=1, keepdim=True).values   # O(n) on a CPU

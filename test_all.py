@@ -118,8 +118,26 @@ def test_a_model_with_abstopk_by_radix_runs_topk_eager_and_radix_compiled(tmp_pa
     x[1, 8:] = x[1, 7]                                         # nonzero ties, where topk and radix keep other entries
     assert not torch.equal(abstopk(x, 8), lowest_index_abstopk(x, 8))
     assert torch.equal(abstopk_radix_when_compiled(x, 8), abstopk(x, 8))   # eager: topk
-    with pytest.raises(UserError, match=r"abstopk_by=radix \(given, or saved in a resumed run\) is how compiled code selects; it needs"):
+    with pytest.raises(UserError, match=r"abstopk_by=radix \(given, the gpu preset's, or saved in a resumed run\) is how "
+                                        r"compiled code selects; it needs"):
         tiny_train_config(tmp_path, abstopk_by="radix")
+
+
+def test_a_resumed_run_is_checked_on_its_saved_settings_not_the_presets(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # a GPU machine: the gpu preset (radix) is the default
+    for preset, saved_as in (("cpu", {}), ("gpu", {"abstopk_by": "topk"}), ("gpu", {"compile": True, "abstopk_by": "topk"})):
+        run = tmp_path / f"{preset}{len(saved_as)}"
+        settings = dataclasses.asdict(train.TrainConfig(preset=preset, **{**train.PRESETS[preset], **saved_as,
+                                                                        "out_dir": str(run)}))
+        os.makedirs(run)
+        torch.save({"format": train.CHECKPOINT_FORMAT, "model": {}, "model_config": {}, "step": 1,
+                    "train_config": settings}, run / "ckpt.pt")
+        cfg = train.config_from_args([f"--out_dir={run}", "--resume=True", "--compile=False"])
+        assert (cfg.preset, cfg.compile, cfg.abstopk_by) == (preset, False, "topk")
+    cfg = train.config_from_args([f"--out_dir={run}", "--resume=True", "--abstopk_by=radix"])   # saved compile=True
+    assert (cfg.compile, cfg.abstopk_by) == (True, "radix")
+    with pytest.raises(UserError, match=r"abstopk_by=radix .* needs --compile=True"):   # the gpu preset, not compiled
+        train.config_from_args([f"--out_dir={tmp_path / 'new'}", "--compile=False"])
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on a CPU needs a C++ compiler")
@@ -255,8 +273,8 @@ def test_topk_weight_mask_is_exact_with_ties(by):
     w = torch.randn(3, 64, 32) * torch.rand(3, 64, 1)                # no ties: one right answer
     assert torch.equal(topk_weight_mask(w, 300, 2, by), topk_weight_mask(w, 300, 2, "kthvalue"))
     keep = topk_weight_mask(w, 300, 2, by).bool()
-    assert (keep.sum(2) >= 2).all() and (w.abs()[keep].min() > 0)
-    assert keep.sum((1, 2)).tolist() == [300] * 3 and w.dtype == topk_weight_mask(w, 300, 2, by).dtype
+    assert (keep.sum(2) >= 2).all() and keep.sum((1, 2)).tolist() == [300] * 3
+    assert topk_weight_mask(w.bfloat16(), 300, 2, by).dtype == torch.bfloat16   # it multiplies the weights in place
 
 
 def test_target_nonzeros():

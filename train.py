@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import tasks
 from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
-                    resolve_device, run_main, write_atomic)
+                    parse_values, resolve_device, run_main, write_atomic)
 from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
 
@@ -94,8 +94,8 @@ class TrainConfig:
         if self.abstopk_by not in ABSTOPK_BY:
             raise UserError(f"--abstopk_by={self.abstopk_by} is unknown; allowed: {', '.join(ABSTOPK_BY)}")
         if self.abstopk_by == "radix" and not self.compile:
-            raise UserError("--abstopk_by=radix (given, or saved in a resumed run) is how compiled code "
-                            "selects; it needs --compile=True, or pass --abstopk_by=topk")
+            raise UserError("--abstopk_by=radix (given, the gpu preset's, or saved in a resumed run) is how compiled "
+                            "code selects; it needs --compile=True, or pass --abstopk_by=topk")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--dtype={self.dtype} is unknown; allowed: float32, bfloat16, float16")
         check_positive("learning_rate", self.learning_rate)
@@ -328,23 +328,26 @@ def config_from_args(argv):
     preset = preset_asked(argv) or ("gpu" if torch.cuda.is_available() else "cpu")
     if preset not in PRESETS:
         raise UserError(f"--preset={preset} is unknown; allowed: {', '.join(PRESETS)}")
-    cfg = parse_args(TrainConfig, argv, base=TrainConfig(preset=preset, **PRESETS[preset]))
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume:
-        saved = load_checkpoint(ckpt_path)
-        if "train_config" not in saved or "dense" in saved["train_config"]:
-            raise UserError(f"{ckpt_path} is not a train.py checkpoint" + (" (bridge.py's: resume it with "
-                            "bridge.py --resume=True)" if "train_config" in saved else " (no train_config)"))
-        if preset_asked(argv) not in (None, saved["train_config"].get("preset")):
-            raise UserError(f"--preset={preset_asked(argv)}: {ckpt_path} is a {saved['train_config'].get('preset')} run, "
-                            "and a resumed run keeps its saved settings (choose the run by --out_dir)")
-        cfg = resumed_config(TrainConfig, argv, saved, MODEL_KEYS, ckpt_path)
-        if not data.same_data_dir(cfg.data_dir, saved["train_config"]["data_dir"]):
-            raise UserError(f"--data_dir={cfg.data_dir} differs from the one {ckpt_path} trained on "
-                            f"({saved['train_config']['data_dir'] or 'the standard library'}), whose tokenizer "
-                            "the model's embeddings are in; start a new run in another --out_dir")
-    elif os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
+    base = TrainConfig(preset=preset, **PRESETS[preset])
+    asked = parse_values(TrainConfig, argv, base)   # checked together below: a resumed run's on its saved settings
+    ckpt_path = os.path.join(asked["out_dir"], "ckpt.pt")
+    if not asked["resume"]:
+        cfg = parse_args(TrainConfig, argv, base)
+        if os.path.exists(ckpt_path):
+            raise UserError(f"{ckpt_path} exists: pass --resume=True to continue it, or pick another --out_dir")
+        return cfg
+    saved = load_checkpoint(ckpt_path)
+    if "train_config" not in saved or "dense" in saved["train_config"]:
+        raise UserError(f"{ckpt_path} is not a train.py checkpoint" + (" (bridge.py's: resume it with "
+                        "bridge.py --resume=True)" if "train_config" in saved else " (no train_config)"))
+    if preset_asked(argv) not in (None, saved["train_config"].get("preset")):
+        raise UserError(f"--preset={preset_asked(argv)}: {ckpt_path} is a {saved['train_config'].get('preset')} run, "
+                        "and a resumed run keeps its saved settings (choose the run by --out_dir)")
+    cfg = resumed_config(TrainConfig, argv, saved, MODEL_KEYS, ckpt_path)
+    if not data.same_data_dir(cfg.data_dir, saved["train_config"]["data_dir"]):
+        raise UserError(f"--data_dir={cfg.data_dir} differs from the one {ckpt_path} trained on "
+                        f"({saved['train_config']['data_dir'] or 'the standard library'}), whose tokenizer "
+                        "the model's embeddings are in; start a new run in another --out_dir")
     return cfg
 
 # -----------------------------------------------------------------------------
