@@ -267,7 +267,8 @@ def bench_shape(shape, bc, device, peaks):
     topk_ms, topk_plain_ms = topk_alone_ms(sparse, bc.steps)
     s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
     over_sparse = lambda name: runs[name]["ms_per_step"] / s if name in runs else None   # the optional variants
-    radix_over_topk = over_sparse("sparse_radix") or (1 / over_sparse("sparse_topk") if "sparse_topk" in runs else None)
+    radix, topk = ("sparse", "sparse_topk") if sparse.abstopk_by == "radix" else ("sparse_radix", "sparse")
+    radix_over_topk = runs[radix]["ms_per_step"] / runs[topk]["ms_per_step"] if radix in runs and topk in runs else None
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
             "matmul_peak_flops": peaks[dtype], "runs": runs,
             "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,

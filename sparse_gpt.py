@@ -410,11 +410,12 @@ def topk_weight_mask(w, k, min_per_channel, by=None):
         top = score.topk(min(min_per_channel, w.shape[2]), dim=2).indices
         score.scatter_(2, top, float("inf"))       # guaranteed keepers rank above everything
     flat = score.flatten(1)                        # (P, numel)
-    if (by or ("kthvalue" if w.device.type == "cpu" else "topk")) == "topk":
+    by = by or ("kthvalue" if w.device.type == "cpu" else "topk")
+    if by == "topk":
         # kthvalue is slow on CUDA, and the tie fill's cumsum over a few 1M-long rows runs one row per
         # thread block there: 5.7 of the projection's 8.6 ms in the gpu preset's step (README)
         idx = flat.topk(k, dim=1, sorted=False).indices
-        return torch.zeros_like(flat).scatter_(1, idx, 1.0).view_as(w).to(w.dtype)
+        return torch.zeros_like(flat, dtype=w.dtype).scatter_(1, idx, 1.0).view_as(w)
     threshold = flat.kthvalue(flat.size(1) - k + 1, dim=1, keepdim=True).values   # O(n) on a CPU
     above, ties = flat > threshold, flat == threshold                             # k - 1 at most above it
     missing = k - above.sum(1, keepdim=True)                 # ties at the threshold: take the first ones

@@ -2020,6 +2020,22 @@ def test_bridge_steer_channel_below_minus_1_is_refused(tmp_path):
 # bad input to bench.py
 
 
+def test_bench_compares_radix_with_topk_whichever_way_the_preset_selects(monkeypatch):
+    ms = {"dense": 10, "sparse": 20, "sparse_no_abstopk": 12, "sparse_radix": 16, "sparse_topk": 25}
+    for name, f in (("matmul_peak", lambda *a: 1e12), ("projection_seconds", lambda *a: 1.0),
+                    ("hook_overhead", lambda *a: (1.0, 1.0)), ("topk_alone_ms", lambda *a: (1.0, 1.0))):
+        monkeypatch.setattr(bench, name, f)
+    for shape, radix_over_topk in (("cpu", 16 / 20), ("gpu", 20 / 25)):   # cpu: topk, gpu: radix
+        preset_way = train.PRESETS[shape].get("abstopk_by", "topk")
+        def fake_run(fn, cfg, *args):                          # a variant's ms/step, told by its settings
+            label = ("dense" if cfg.l0_frac == 1 else "sparse_no_abstopk" if cfg.afrac == 1 else
+                     f"sparse_{cfg.abstopk_by}" if cfg.compile and cfg.abstopk_by != preset_way else "sparse")
+            return {"ms_per_step": ms[label], "tokens_per_s": 1.0, "projection_ms": 1.0, "peak_mem_mb": 1.0}
+        monkeypatch.setattr(bench, "in_fresh_process", fake_run)
+        bc = bench.BenchConfig(shapes=shape, cpu_compile=True, steps=1, warmup=0, cpu_batch_gpu_shape=1)
+        assert bench.bench_shape(shape, bc, "cpu", {})["radix_over_topk_step"] == pytest.approx(radix_over_topk)
+
+
 def test_bench_refuses_a_batch_of_0_under_its_own_name():
     for bad in (0, -2):
         with pytest.raises(UserError, match=f"--cpu_batch_gpu_shape={bad} must be positive"):
