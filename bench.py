@@ -251,7 +251,7 @@ def bench_shape(shape, bc, device, peaks):
     for name, cfg in variants:
         runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup, name != "sparse_glibc_malloc")
         print(f"  {shape} {name:<18} {runs[name]['ms_per_step']:9.1f} ms/step "
-              f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB", flush=True)
+              f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB")
     model = GPT(sparse.model_config()).to(device)
     fpt = flops_per_token(model, sparse.block_size)
     dtype = sparse.dtype if device.startswith("cuda") else "float32"   # MFU against the peak of what it trains in

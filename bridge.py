@@ -322,8 +322,7 @@ def train_bridges(cfg):
         if done % cfg.log_interval == 0 or done == stop:
             dt, t_log, steps_since = (time.time() - t_log) / (done - steps_since), time.time(), done
             print(f"step {done:5d} | " + " | ".join(f"{k} {v.item():.4f}" for k, v in terms.items()) +
-                  f" | lr {lr:.2e} | L0 {frac:.4f} | {tokens_per_step / dt:6.0f} tok/s | {dt * 1000:6.0f} ms/step",
-                  flush=True)
+                  f" | lr {lr:.2e} | L0 {frac:.4f} | {tokens_per_step / dt:6.0f} tok/s | {dt * 1000:6.0f} ms/step")
         if done % cfg.eval_interval == 0 or done == stop:
             ev = evaluate_bridges(sparse, dense, bridges, val_tokens, cfg)
             check_finite(ev["sparse_val_loss"], done, ckpt_path, saved_step)

@@ -164,10 +164,15 @@ def keep_freed_memory():
 
 
 def run_main(main):
-    """Run main(argv) with freed memory kept; a UserError becomes 'error: ...' on stderr and exit code 2."""
+    """Run main(argv) with freed memory kept and stdout written line by line; a UserError becomes
+    'error: ...' on stderr and exit code 2."""
     keep_freed_memory()
+    sys.stdout.reconfigure(line_buffering=True)   # progress shows at once in `| tee log` or `> log`
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:   # output piped into a reader that stopped early (`| head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # else the flush at exit fails too
+        sys.exit(1)

@@ -415,6 +415,18 @@ def one_line_error(args, cwd=HERE):
     return lines[0]
 
 
+def test_output_piped_into_a_reader_that_stops_early_ends_without_a_traceback():
+    """`python train.py --help | head -1`: the pipe closes before the script writes. Every script's
+    run_main writes stdout line by line and catches the broken pipe inside main."""
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # as a plain shell runs it
+    for script in ("train.py", "tasks.py"):
+        piped = subprocess.Popen([sys.executable, script, "--help"], cwd=HERE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=buffered)
+        piped.stdout.close()                    # before the interpreter is even up: the first line fails
+        stderr = piped.stderr.read()
+        assert piped.wait(timeout=120) == 1 and stderr == "", (script, stderr)
+
+
 def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path):
     not_ours = tmp_path / "ckpt.pt"
     not_ours.write_bytes(b"not a checkpoint")
