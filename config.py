@@ -1,8 +1,8 @@
 """
 nanoGPT's `--key=value` overrides, parsed against a settings dataclass (no exec), the one-line
 error every script gives for a user mistake (and the range checks settings share: check_positive,
-check_not_negative, check_seed, check_out_dir), atomic writes (atomic_file, write_atomic), and the memory
-allocator setting every script starts with (keep_freed_memory: faster CPU steps).
+check_not_negative, check_seed, check_out_dir), atomic writes (atomic_file, write_atomic), and what every script's process starts with
+(set_up_process: the allocator setting keep_freed_memory, for faster CPU steps, and stdout line by line).
 
     cfg = parse_args(TrainConfig, sys.argv[1:])   # --help lists the fields and their defaults
 """
@@ -163,16 +163,19 @@ def keep_freed_memory():
     return 0
 
 
-def run_main(main):
-    """Run main(argv) with freed memory kept and stdout written line by line; a UserError becomes
-    'error: ...' on stderr and exit code 2."""
+def set_up_process():
+    """What every script's process runs with, a pool's workers too: freed memory kept, and stdout
+    written line by line (else progress in `> log` or `| tee log` comes in 8 KB bursts)."""
     keep_freed_memory()
-    sys.stdout.reconfigure(line_buffering=True)   # progress shows at once in `| tee log` or `> log`
+    if hasattr(sys.stdout, "reconfigure"):   # a notebook's stdout cannot be
+        sys.stdout.reconfigure(line_buffering=True)
+
+
+def run_main(main):
+    """Run main(argv) in a set-up process; a UserError becomes 'error: ...' on stderr and exit code 2."""
+    set_up_process()
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except BrokenPipeError:   # output piped into a reader that stopped early (`| head`): no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # else the flush at exit fails too
-        sys.exit(1)

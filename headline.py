@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import data
 import prune
-from config import (UserError, check_out_dir, check_positive, keep_freed_memory, parse_args, resolve_device, run_main,
-                    write_atomic)
+from config import (UserError, check_out_dir, check_positive, parse_args, resolve_device, run_main,
+                    set_up_process, write_atomic)
 from draw import SVG_HEAD, line, text
 from sparse_gpt import load_checkpoint
 from tasks import TASKS, evaluate, get_task, load_model, make_prompts
@@ -259,8 +259,8 @@ def prune_in_parallel(sparse_paths, dense_paths, models, cfg, device):
     runs += [(p, t) for p in models if all(t in models[p]["solved"] for t in plot_tasks) for t in plot_tasks]
     args = [(p, t, k, seed, cfg, device) for p, t in dict.fromkeys(runs) for k, seed in cfg.search_grid()]
     print(f"pruning {len(args)} runs, {cfg.jobs} at a time")
-    # spawn: CUDA works in the children; they start outside run_main, so they set the allocator themselves
-    with multiprocessing.get_context("spawn").Pool(cfg.jobs, initializer=keep_freed_memory) as pool:
+    # spawn: CUDA works in the children; they start outside run_main, so they set themselves up
+    with multiprocessing.get_context("spawn").Pool(cfg.jobs, initializer=set_up_process) as pool:
         pool.starmap(circuit, args, chunksize=1)
 
 
