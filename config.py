@@ -1,8 +1,9 @@
 """
 nanoGPT's `--key=value` overrides, parsed against a settings dataclass (no exec), the one-line
 error every script gives for a user mistake (and the range checks settings share: check_positive,
-check_not_negative, check_seed, check_out_dir), atomic writes (atomic_file, write_atomic), and what every script's process starts with
-(set_up_process: the allocator setting keep_freed_memory, for faster CPU steps, and stdout line by line).
+check_not_negative, check_seed, check_out_dir), atomic writes (atomic_file, write_atomic), and what
+every script's process starts with (set_up_process: keep_freed_memory, the allocator setting for
+faster CPU steps, and stdout written line by line).
 
     cfg = parse_args(TrainConfig, sys.argv[1:])   # --help lists the fields and their defaults
 """
@@ -167,7 +168,7 @@ def set_up_process():
     """What every script's process runs with, a pool's workers too: freed memory kept, and stdout
     written line by line (else progress in `> log` or `| tee log` comes in 8 KB bursts)."""
     keep_freed_memory()
-    if hasattr(sys.stdout, "reconfigure"):   # a notebook's stdout cannot be
+    if hasattr(sys.stdout, "reconfigure"):   # a notebook's stdout has no reconfigure
         sys.stdout.reconfigure(line_buffering=True)
 
 
