@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import re
 import select
 import shutil
 import subprocess
@@ -386,6 +387,19 @@ def test_config_parsing_and_bad_values(capsys):
                        (f"--seed={2**63}", r"seed=9223372036854775808 is outside \[-2\*\*63, 2\*\*63\)")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args([bad, "--out_dir=out/never"])
+
+
+def test_every_setting_the_readme_passes_is_one_its_script_takes():
+    """A renamed setting must not leave the README's commands behind (they would stop at an unknown key)."""
+    settings = {"train": train.TrainConfig, "bench": bench.BenchConfig, "bridge": bridge.BridgeConfig,
+                "prune": prune.PruneConfig, "headline": headline.HeadlineConfig, "tasks": tasks.TaskConfig,
+                "draw": draw.DrawConfig, "data": data.DataConfig}
+    text = open(README).read().replace("\\\n", " ")           # commands continued over lines
+    commands = re.findall(r"python (\w+)\.py((?: --\w+=\S*)*)", text)
+    assert len(commands) > 40
+    for script, args in commands:
+        known = {f.name for f in dataclasses.fields(settings[script])}
+        assert not [a for a in args.split() if a[2:].split("=")[0] not in known], (script, args)
 
 
 def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_written(tmp_path):
