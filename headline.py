@@ -215,7 +215,7 @@ def smallest_circuit(path, task, cfg, device):
     found = [rec for rec in records if rec is not None]
     if not found:
         raise prune.NoCircuit(f"{path}: no circuit for {task} meets --target_loss={cfg.target_loss} at any of "
-                        f"--k_coefs={cfg.k_coefs} with --prune_seeds={cfg.prune_seeds}")
+                              f"--k_coefs={cfg.k_coefs} with --prune_seeds={cfg.prune_seeds}")
     return min(found, key=lambda rec: rec["n_edges"])
 
 

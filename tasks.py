@@ -20,7 +20,6 @@ with: the data folder its checkpoint records.
 To add a task: write one function next to the others and add it to TASKS.
 """
 
-import os
 import random
 import zlib
 from collections import namedtuple
