@@ -3,16 +3,18 @@ Speed and memory of weight-sparse training against dense training of the same sh
 one run on whatever device is here, for the CPU and GPU preset shapes.
 
     python bench.py                          # both shapes; out/bench/<device>.json
-    python bench.py --shapes=cpu --steps=20  # one shape, more timed steps
+    python bench.py --shapes=cpu --steps=20 --rounds=10   # one shape, more timed steps, more turns
     python bench.py --prune_ckpt=out/cpu45/ckpt.pt   # also time prune.py on one task of that model
     python bench.py --help                   # every setting
 
 What it measures, per shape (random tokens: speed does not depend on the text):
 - ms/step, tokens/s and peak memory of a training step (forward, backward, grad-RMS normalization,
-  Adam, top-k projection) for three variants, each in a fresh process so peak memory is its own:
+  Adam, top-k projection) for three variants, each in its own process so peak memory is its own:
   dense (l0_frac=1, afrac=1), sparse (the preset), and sparse without AbsTopK (afrac=1); on a CPU
   also sparse under glibc's default allocator, for what keeping freed memory buys (every script does,
-  config.keep_freed_memory). The step is taken at an L0 past the anneal, as for most of a run.
+  config.keep_freed_memory). The step is taken at an L0 past the anneal, as for most of a run. The
+  variants take turns, a share of the steps each in every round, and each ratio is the median over
+  rounds of the ratio within a round: a shared host's speed drifts between minutes by tens of percent.
 - the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
   (sparse step minus the same step without AbsTopK; and torch.topk's part of it, timed alone on
   the sites' shapes, on |x|'s bits as abstopk runs it against on |x| itself), and our projection
@@ -35,6 +37,7 @@ import resource
 import time
 from collections import Counter
 from dataclasses import dataclass
+from statistics import median
 
 import torch
 
@@ -48,6 +51,7 @@ from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_op
 class BenchConfig:
     shapes: str = "cpu,gpu"          # presets whose shapes to measure (comma-separated)
     steps: int = 10                  # timed training steps per variant, after the warmup
+    rounds: int = 10                 # the variants take turns, each timing its share of the steps in a round
     warmup: int = 2                  # untimed steps first (torch.compile compiles here on GPU)
     cpu_batch_gpu_shape: int = 4     # the gpu preset's batch of 64 takes minutes per step on a CPU
     cpu_compile: bool = False        # torch.compile on a CPU too (inductor builds C++ kernels: needs a compiler)
@@ -60,8 +64,9 @@ class BenchConfig:
         for shape in self.shapes.split(","):
             if shape not in PRESETS:
                 raise UserError(f"--shapes={self.shapes}: {shape!r} is unknown; allowed: {', '.join(PRESETS)}")
-        if self.steps <= 0 or self.warmup < 0:
-            raise UserError(f"--steps={self.steps}, --warmup={self.warmup}: need steps > 0 and warmup >= 0")
+        if self.steps <= 0 or self.rounds <= 0 or self.warmup < 0:
+            raise UserError(f"--steps={self.steps}, --rounds={self.rounds}, --warmup={self.warmup}: "
+                            "need steps > 0, rounds > 0 and warmup >= 0")
         if self.cpu_batch_gpu_shape < 1:
             raise UserError(f"--cpu_batch_gpu_shape={self.cpu_batch_gpu_shape} must be positive")
         check_out_dir("out_dir", self.out_dir)
@@ -91,9 +96,11 @@ def variant(shape, device, batch_size, cpu_compile=False, **overrides):
     return dataclasses.replace(cfg, compile=compile, abstopk_by=cfg.abstopk_by if compile else "topk", **overrides)
 
 
-def measure_training(cfg, steps, warmup, keep_memory=True):
-    """Run in a fresh process: ms/step, tokens/s, peak memory, and the projection alone. keep_memory:
-    the allocator setting every script runs with (config.keep_freed_memory); False is glibc's default."""
+def training_worker(conn, cfg, warmup, keep_memory=True):
+    """In its own process, so that its peak memory is its own: build cfg's training step and warm it
+    up, then time as many steps as the parent asks, each time it asks, until it asks for 0; then send
+    peak memory and the projection timed alone. keep_memory: the allocator setting every script runs
+    with (config.keep_freed_memory); False is glibc's default."""
     if keep_memory:
         keep_freed_memory()
     torch.manual_seed(0)
@@ -115,7 +122,11 @@ def measure_training(cfg, steps, warmup, keep_memory=True):
         torch.cuda.reset_peak_memory_stats(cfg.device)
     for _ in range(warmup):
         train_step()
-    sec = seconds_per_call(train_step, steps, cfg.device)
+    conn.send("ready")
+    timed = 0
+    while steps := conn.recv():
+        conn.send(seconds_per_call(train_step, steps, cfg.device))
+        timed += steps
     peak = torch.cuda.max_memory_allocated(cfg.device) if cfg.device.startswith("cuda") else peak_rss()   # training's
     frac = l0_at(step + 1, cfg)
     proj = 0.0
@@ -123,9 +134,8 @@ def measure_training(cfg, steps, warmup, keep_memory=True):
         with autocast:
             model(x, y)[1].backward()
         optimizer_step(raw, optimizer, step, dataclasses.replace(cfg, l0_frac=1.0))
-        proj = projection_seconds(raw, lambda: raw.project_weights(frac), steps, cfg.device)
-    return {"ms_per_step": sec * 1e3, "tokens_per_s": cfg.batch_size * cfg.block_size / sec,
-            "projection_ms": proj * 1e3, "peak_mem_mb": peak / 2**20}
+        proj = projection_seconds(raw, lambda: raw.project_weights(frac), timed, cfg.device)
+    conn.send({"projection_ms": proj * 1e3, "peak_mem_mb": peak / 2**20})
 
 
 def peak_rss():
@@ -138,10 +148,47 @@ def peak_rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def in_fresh_process(fn, *args):
-    """fn(*args) in a new process (spawned, so CUDA works), which then exits: its own peak memory."""
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(fn, args)
+def time_in_turns(variants, steps, rounds, warmup):
+    """{name: (TrainConfig, keep_memory)} -> {name: ms/step of each round, tokens/s, projection_ms,
+    peak_mem_mb}. Each variant is built and warmed up once, in its own process (spawned, so CUDA
+    works); then, round after round, each times its share of the steps in turn while the rest wait.
+    A shared machine speeds up and slows down by tens of percent within minutes: taken in turns, that
+    moves every variant of a round alike, and a ratio is taken within each round."""
+    context, workers = multiprocessing.get_context("spawn"), {}
+    rounds = min(rounds, steps)
+    shares = [steps // rounds + (r < steps % rounds) for r in range(rounds)]   # 10 in 4: 3, 3, 2, 2
+    try:
+        for name, (cfg, keep_memory) in variants.items():
+            conn, child_conn = context.Pipe()
+            process = context.Process(target=training_worker, args=(child_conn, cfg, warmup, keep_memory))
+            process.start()
+            child_conn.close()        # ours closed: a worker that dies ends its pipe (EOFError below)
+            workers[name] = process, conn
+            receive(name, conn)       # built and warmed up
+        ms = {name: [] for name in variants}
+        for share in shares:
+            for name, (_, conn) in workers.items():
+                conn.send(share)
+                ms[name].append(receive(name, conn) * 1e3)
+        runs = {}
+        for name, (process, conn) in workers.items():
+            conn.send(0)
+            cfg, ms_per_step = variants[name][0], median(ms[name])
+            runs[name] = {"ms_per_step": ms_per_step, "ms_per_round": ms[name],
+                          "tokens_per_s": cfg.batch_size * cfg.block_size / ms_per_step * 1e3, **receive(name, conn)}
+            process.join()
+        return runs
+    finally:
+        for process, _ in workers.values():
+            process.kill()            # a no-op for those that have exited; the rest, on an error here
+            process.join()
+
+
+def receive(name, conn):
+    try:
+        return conn.recv()
+    except EOFError:
+        raise RuntimeError(f"bench.py's process timing {name} stopped (its error is printed above)") from None
 
 
 @torch.no_grad()
@@ -237,7 +284,6 @@ def bench_shape(shape, bc, device, peaks):
     if device == "cpu" and shape != "cpu":
         batch = bc.cpu_batch_gpu_shape
     sparse = variant(shape, device, batch, bc.cpu_compile)
-    runs = {}
     dense = variant(shape, device, batch, bc.cpu_compile, l0_frac=1.0, afrac=1.0)
     no_abstopk = variant(shape, device, batch, bc.cpu_compile, afrac=1.0)
     variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
@@ -248,10 +294,11 @@ def bench_shape(shape, bc, device, peaks):
         variants.append((f"sparse_{other}", dataclasses.replace(sparse, abstopk_by=other)))
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
-    for name, cfg in variants:
-        runs[name] = in_fresh_process(measure_training, cfg, bc.steps, bc.warmup, name != "sparse_glibc_malloc")
-        print(f"  {shape} {name:<18} {runs[name]['ms_per_step']:9.1f} ms/step "
-              f"{runs[name]['tokens_per_s']:9.0f} tok/s {runs[name]['peak_mem_mb']:8.0f} MB")
+    keep_memory = lambda name: name != "sparse_glibc_malloc"
+    runs = time_in_turns({name: (cfg, keep_memory(name)) for name, cfg in variants}, bc.steps, bc.rounds, bc.warmup)
+    for name, r in runs.items():
+        print(f"  {shape} {name:<18} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:9.0f} tok/s "
+              f"{r['peak_mem_mb']:8.0f} MB   rounds: {' '.join(f'{ms:.0f}' for ms in r['ms_per_round'])}")
     model = GPT(sparse.model_config()).to(device)
     fpt = flops_per_token(model, sparse.block_size)
     dtype = sparse.dtype if device.startswith("cuda") else "float32"   # MFU against the peak of what it trains in
@@ -265,21 +312,23 @@ def bench_shape(shape, bc, device, peaks):
     naive = projection_seconds(model, lambda: naive_project(model, frac), bc.steps, device)
     plain_ms, recorded_ms = hook_overhead(sparse, bc.steps)
     topk_ms, topk_plain_ms = topk_alone_ms(sparse, bc.steps)
-    s, d, n = runs["sparse"]["ms_per_step"], runs["dense"]["ms_per_step"], runs["sparse_no_abstopk"]["ms_per_step"]
-    over_sparse = lambda name: runs[name]["ms_per_step"] / s if name in runs else None   # the optional variants
+    # a ratio of two variants is the median over rounds of their ratio within a round (None: one is absent)
+    per_round = lambda a, b: [x / y for x, y in zip(runs[a]["ms_per_round"], runs[b]["ms_per_round"])]
+    ratio = lambda a, b: median(per_round(a, b)) if a in runs and b in runs else None
     radix, topk = ("sparse", "sparse_topk") if sparse.abstopk_by == "radix" else ("sparse_radix", "sparse")
-    radix_over_topk = runs[radix]["ms_per_step"] / runs[topk]["ms_per_step"] if radix in runs and topk in runs else None
+    s = runs["sparse"]["ms_per_step"]
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
-            "matmul_peak_flops": peaks[dtype], "runs": runs,
-            "sparse_over_dense_step": s / d, "projection_share": runs["sparse"]["projection_ms"] / s,
-            "abstopk_share": max(0.0, (s - n) / s), "topk_alone_ms": topk_ms, "topk_alone_share": topk_ms / s,
+            "matmul_peak_flops": peaks[dtype], "runs": runs, "sparse_over_dense_step": ratio("sparse", "dense"),
+            "sparse_over_dense_rounds": per_round("sparse", "dense"),
+            "projection_share": runs["sparse"]["projection_ms"] / s,
+            "abstopk_share": max(0.0, 1 - ratio("sparse_no_abstopk", "sparse")),   # (sparse - no AbsTopK) / sparse
+            "topk_alone_ms": topk_ms, "topk_alone_share": topk_ms / s,
             "topk_plain_over_bits": topk_plain_ms / topk_ms if topk_ms else None,
             "naive_over_ours_projection": naive / ours,
             "projection_ms": ours * 1e3, "naive_projection_ms": naive * 1e3,
             "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
-            "compile_speedup": {v: runs[v + "_eager"]["ms_per_step"] / runs[v]["ms_per_step"]
-                                for v in ("dense", "sparse") if v + "_eager" in runs},
-            "allocator_speedup": over_sparse("sparse_glibc_malloc"), "radix_over_topk_step": radix_over_topk}
+            "compile_speedup": {v: ratio(v + "_eager", v) for v in ("dense", "sparse") if v + "_eager" in runs},
+            "allocator_speedup": ratio("sparse_glibc_malloc", "sparse"), "radix_over_topk_step": ratio(radix, topk)}
 
 
 def main(argv):
@@ -295,8 +344,9 @@ def main(argv):
     peaks = {}                        # dtype -> matmul FLOP/s, measured once per dtype a shape trains in
     for shape in bc.shapes.split(","):
         result["shapes"][shape] = r = bench_shape(shape, bc, device, peaks)
-        print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} | projection {r['projection_share']:.1%} "
-              f"of a step | AbsTopK {r['abstopk_share']:.1%} (topk alone {r['topk_alone_share']:.1%}"
+        lo, hi = min(r["sparse_over_dense_rounds"]), max(r["sparse_over_dense_rounds"])
+        print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} (rounds {lo:.2f}-{hi:.2f}) | "
+              f"projection {r['projection_share']:.1%} of a step | AbsTopK {r['abstopk_share']:.1%} (topk alone {r['topk_alone_share']:.1%}"
               + (f"; on |x| rather than its bits {r['topk_plain_over_bits']:.2f}x" if r["topk_plain_over_bits"] else "")
               + f") | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
               f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "

@@ -13,6 +13,7 @@ import re
 import select
 import shutil
 import subprocess
+import statistics
 import sys
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
@@ -2057,13 +2058,44 @@ def test_bench_compares_radix_with_topk_whichever_way_the_preset_selects(monkeyp
         monkeypatch.setattr(bench, name, f)
     for shape, radix_over_topk in (("cpu", 16 / 20), ("gpu", 20 / 25)):   # cpu: topk, gpu: radix
         preset_way = train.PRESETS[shape].get("abstopk_by", "topk")
-        def fake_run(fn, cfg, *args):                          # a variant's ms/step, told by its settings
-            label = ("dense" if cfg.l0_frac == 1 else "sparse_no_abstopk" if cfg.afrac == 1 else
-                     f"sparse_{cfg.abstopk_by}" if cfg.compile and cfg.abstopk_by != preset_way else "sparse")
-            return {"ms_per_step": ms[label], "tokens_per_s": 1.0, "projection_ms": 1.0, "peak_mem_mb": 1.0}
-        monkeypatch.setattr(bench, "in_fresh_process", fake_run)
+        def label(cfg):                                        # which variant, told by its settings
+            return ("dense" if cfg.l0_frac == 1 else "sparse_no_abstopk" if cfg.afrac == 1 else
+                    f"sparse_{cfg.abstopk_by}" if cfg.compile and cfg.abstopk_by != preset_way else "sparse")
+        def fake_runs(variants, *args):
+            return {name: {"ms_per_step": ms[label(cfg)], "ms_per_round": [ms[label(cfg)]], "tokens_per_s": 1.0,
+                           "projection_ms": 1.0, "peak_mem_mb": 1.0} for name, (cfg, _) in variants.items()}
+        monkeypatch.setattr(bench, "time_in_turns", fake_runs)
         bc = bench.BenchConfig(shapes=shape, cpu_compile=True, steps=1, warmup=0, cpu_batch_gpu_shape=1)
         assert bench.bench_shape(shape, bc, "cpu", {})["radix_over_topk_step"] == pytest.approx(radix_over_topk)
+
+
+def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
+    # a host slowing down mid-run: round 2 is slow for both; compared within rounds, sparse is 1.5x dense
+    rounds = {"dense": [10, 20, 40], "sparse": [15, 50, 60], "sparse_no_abstopk": [12, 40, 48]}
+    for name, f in (("matmul_peak", lambda *a: 1e12), ("projection_seconds", lambda *a: 1.0),
+                    ("hook_overhead", lambda *a: (1.0, 1.0)), ("topk_alone_ms", lambda *a: (1.0, 1.0))):
+        monkeypatch.setattr(bench, name, f)
+    monkeypatch.setattr(bench, "time_in_turns", lambda variants, *a: {
+        name: {"ms_per_step": statistics.median(rounds[name]), "ms_per_round": rounds[name], "tokens_per_s": 1.0,
+               "projection_ms": 1.0, "peak_mem_mb": 1.0} for name in variants if name in rounds})
+    r = bench.bench_shape("cpu", bench.BenchConfig(shapes="cpu", steps=3, rounds=3, warmup=0), "cpu", {})
+    assert r["sparse_over_dense_step"] == pytest.approx(1.5)          # the medians' ratio would say 2.5
+    assert r["sparse_over_dense_rounds"] == pytest.approx([1.5, 2.5, 1.5])
+    assert r["abstopk_share"] == pytest.approx(0.2)                    # 1 - median(12/15, 40/50, 48/60)
+
+
+def test_bench_variants_take_turns_in_their_own_processes(tmp_path):
+    cfg = tiny_train_config(tmp_path, device="cpu")
+    dense = dataclasses.replace(cfg, l0_frac=1.0)
+    runs = bench.time_in_turns({"dense": (dense, True), "sparse": (cfg, True)}, steps=3, rounds=2, warmup=1)
+    for name, r in runs.items():
+        assert len(r["ms_per_round"]) == 2 and min(r["ms_per_round"]) > 0      # a share of 2 steps, then of 1
+        assert r["ms_per_step"] == statistics.median(r["ms_per_round"]) and r["peak_mem_mb"] > 0
+    assert runs["sparse"]["projection_ms"] > 0 and runs["dense"]["projection_ms"] == 0   # dense projects nothing
+    # a variant whose process fails stops the benchmark with its name (its traceback goes to stderr), not a hang
+    with pytest.raises(RuntimeError, match="timing broken stopped"):
+        bench.time_in_turns({"dense": (dense, True), "broken": (dataclasses.replace(cfg, device="cuda:99"), True)},
+                            steps=1, rounds=1, warmup=0)
 
 
 def test_bench_refuses_a_batch_of_0_under_its_own_name():
