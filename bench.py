@@ -15,6 +15,7 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   config.keep_freed_memory). The step is taken at an L0 past the anneal, as for most of a run. The
   variants take turns, a share of the steps each in every round, and each ratio is the median over
   rounds of the ratio within a round: a shared host's speed drifts between minutes by tens of percent.
+  The variants' processes live together: a run holds the sum of their peak memory.
 - the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
   (sparse step minus the same step without AbsTopK; and torch.topk's part of it, timed alone on
   the sites' shapes, on |x|'s bits as abstopk runs it against on |x| itself), and our projection
