@@ -5,7 +5,8 @@ Notable features, each tied to the paper (../shared/METHOD.md section 1):
 - RMSNorm, pre-norm blocks, small heads (d_head 16), untied embedding and unembedding,
   no positional embedding unless `learned_pos=True`.
 - AbsTopK on activations: keep the k = afrac * dim entries of largest |x| at 8 sites per layer
-  (by topk; or, where torch.compile traces the model, by a radix select it can fuse: abstopk_by).
+  (by numpy's partition on a CPU, topk on a GPU; or, where torch.compile traces the model, by a
+  radix select it can fuse: abstopk_by).
 - An attention sink per head: a learnable logit b_h for an always-visible slot with zero value.
 - A dense bigram logit table: logits += bigram[current token]; never sparsified.
 - Weight sparsity: `project_weights` keeps the top-k |w| of every sparse parameter, with at
@@ -26,6 +27,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,9 +105,26 @@ def abs_bits(x):
 
 def abstopk(x, k):
     """Keep the k entries of largest |x| along the last dim, zero the rest (gradient flows only
-    through the kept ones, since the rest are multiplied by a constant 0)."""
-    idx = abs_bits(x).topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))   # exactly k kept, even with ties
+    through the kept ones, since the rest are multiplied by a constant 0). Exactly k even with ties:
+    of the entries tied at a row's k-th largest |x|, those topk picks."""
+    bits = abs_bits(x)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        idx = bits.topk(k, dim=-1, sorted=False).indices
+        return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+    # on a CPU, each row's k-th largest by numpy's partition (a vectorized selection), then a mask:
+    # a training step 1.25x faster than with topk and its scatter (README, Performance)
+    rows = bits.reshape(-1, bits.shape[-1])
+    n = rows.shape[1]
+    kth = torch.from_numpy(np.partition(rows.numpy(), n - k, axis=-1)[:, n - k:n - k + 1])
+    keep = rows >= kth                # the k largest, and more in a row with ties at its k-th
+    if keep.count_nonzero() > k * len(rows):
+        tied = (keep.sum(-1) > k).nonzero().squeeze(1)
+        idx = rows[tied].topk(k, dim=-1, sorted=False).indices     # in those rows, topk's pick
+        keep[tied] = torch.zeros_like(keep[tied]).scatter_(-1, idx, True)
+    keep = keep.view(x.shape)
+    if (kth >= abs_bits(x.new_tensor(math.inf))).any():   # a dropped inf or nan: x * 0 would give nan
+        return torch.where(keep, x, 0)
+    return x * keep                   # on a CPU 3x faster than where, and its backward too
 
 
 def abstopk_radix(x, k):
@@ -131,8 +150,8 @@ abstopk_radix_region = torch.compiler.nested_compile_region(abstopk_radix)
 
 
 def abstopk_radix_when_compiled(x, k):
-    """AbsTopK by radix select where torch.compile traces the model, by topk in eager calls
-    (evaluation, sampling, pruning), where topk is the faster."""
+    """AbsTopK by radix select where torch.compile traces the model, by abstopk in eager calls
+    (evaluation, sampling, pruning), where that is the faster."""
     return abstopk_radix_region(x, k) if torch.compiler.is_compiling() else abstopk(x, k)
 
 
@@ -250,7 +269,8 @@ SITE_SUFFIX = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k",
 class GPT(nn.Module):
 
     def __init__(self, config, abstopk_by="topk"):
-        """abstopk_by: how AbsTopK selects, "topk", or "radix" under torch.compile. Both keep exactly k;
+        """abstopk_by: how AbsTopK selects, "topk" (what topk keeps, on a CPU found by numpy's partition),
+        or "radix" under torch.compile. Both keep exactly k;
         they differ only in which of several entries tied at the k-th |x| they keep (tied zeros: only
         the gradient differs; in bf16/fp16 nonzero ties are common, and the output differs slightly).
         So it is a training setting, not part of the config a checkpoint saves for its model."""
