@@ -112,7 +112,7 @@ def abstopk(x, k):
         idx = bits.topk(k, dim=-1, sorted=False).indices
         return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
     # on a CPU, each row's k-th largest by numpy's partition (a vectorized selection), then a mask:
-    # a training step 1.25x faster than with topk and its scatter (README, Performance)
+    # a training step about 0.77x as long as with topk and its scatter (README, Performance)
     rows = bits.reshape(-1, bits.shape[-1])
     n = rows.shape[1]
     kth = torch.from_numpy(np.partition(rows.numpy(), n - k, axis=-1)[:, n - k:n - k + 1])
@@ -124,7 +124,9 @@ def abstopk(x, k):
     keep = keep.view(x.shape)
     if (kth >= abs_bits(x.new_tensor(math.inf))).any():   # a dropped inf or nan: x * 0 would give nan
         return torch.where(keep, x, 0)
-    return x * keep                   # on a CPU 3x faster than where, and its backward too
+    # a multiply is 3x faster than a where here; by a mask in x's dtype, the forward and the backward
+    # (which keeps it) each multiply without converting it again
+    return x * keep.to(x.dtype)
 
 
 def abstopk_radix(x, k):
