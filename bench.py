@@ -3,7 +3,7 @@ Speed and memory of weight-sparse training against dense training of the same sh
 one run on whatever device is here, for the CPU and GPU preset shapes.
 
     python bench.py                          # both shapes; out/bench/<device>.json
-    python bench.py --shapes=cpu --steps=20 --rounds=10   # one shape, more timed steps, more turns
+    python bench.py --shapes=cpu --steps=20 --rounds=20   # one shape, more timed steps, more turns
     python bench.py --prune_ckpt=out/cpu45/ckpt.pt   # also time prune.py on one task of that model
     python bench.py --help                   # every setting
 
@@ -52,7 +52,8 @@ from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_op
 class BenchConfig:
     shapes: str = "cpu,gpu"          # presets whose shapes to measure (comma-separated)
     steps: int = 10                  # timed training steps per variant, after the warmup
-    rounds: int = 10                 # the variants take turns, each timing its share of the steps in a round
+    rounds: int = 10                 # the variants take turns: a round times each one's share of the steps,
+                                     # after one untimed step (so 10 steps in 10 rounds run 20)
     warmup: int = 2                  # untimed steps first (torch.compile compiles here on GPU)
     cpu_batch_gpu_shape: int = 4     # the gpu preset's batch of 64 takes minutes per step on a CPU
     cpu_compile: bool = False        # torch.compile on a CPU too (inductor builds C++ kernels: needs a compiler)
@@ -165,18 +166,17 @@ def time_in_turns(variants, steps, rounds, warmup):
             process.start()
             child_conn.close()        # ours closed: a worker that dies ends its pipe (EOFError below)
             workers[name] = process, conn
-            receive(name, conn)       # built and warmed up
+            ask(name, process, conn)  # built and warmed up
         ms = {name: [] for name in variants}
-        for share in shares:
-            for name, (_, conn) in workers.items():
-                conn.send(share)
-                ms[name].append(receive(name, conn) * 1e3)
+        for r, share in enumerate(shares):
+            for name in list(workers)[::1 if r % 2 == 0 else -1]:   # every other round the other way round
+                ms[name].append(ask(name, *workers[name], share) * 1e3)
         runs = {}
         for name, (process, conn) in workers.items():
-            conn.send(0)
             cfg, ms_per_step = variants[name][0], median(ms[name])
             runs[name] = {"ms_per_step": ms_per_step, "ms_per_round": ms[name],
-                          "tokens_per_s": cfg.batch_size * cfg.block_size / ms_per_step * 1e3, **receive(name, conn)}
+                          "tokens_per_s": cfg.batch_size * cfg.block_size / ms_per_step * 1e3,
+                          **ask(name, process, conn, 0)}
             process.join()
         return runs
     finally:
@@ -185,11 +185,17 @@ def time_in_turns(variants, steps, rounds, warmup):
             process.join()
 
 
-def receive(name, conn):
+def ask(name, process, conn, message=None):
+    """Send a worker message (if any) and return its answer; if it has died, say which and how."""
     try:
+        if message is not None:
+            conn.send(message)
         return conn.recv()
-    except EOFError:
-        raise RuntimeError(f"bench.py's process timing {name} stopped (its error is printed above)") from None
+    except (EOFError, OSError):       # its end of the pipe closed (OSError: BrokenPipeError and kin)
+        process.join(10)
+        raise RuntimeError(f"bench.py's process timing {name} stopped with exit code {process.exitcode} "
+                           "(a Python error is printed above; a negative code is a signal, -9 a kill, "
+                           "e.g. for want of memory)") from None
 
 
 @torch.no_grad()
@@ -298,8 +304,8 @@ def bench_shape(shape, bc, device, peaks):
         variants.append((f"sparse_{other}", dataclasses.replace(sparse, abstopk_by=other)))
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
-    keep_memory = lambda name: name != "sparse_glibc_malloc"
-    runs = time_in_turns({name: (cfg, keep_memory(name)) for name, cfg in variants}, bc.steps, bc.rounds, bc.warmup)
+    runs = time_in_turns({name: (cfg, name != "sparse_glibc_malloc") for name, cfg in variants},
+                         bc.steps, bc.rounds, bc.warmup)
     for name, r in runs.items():
         print(f"  {shape} {name:<18} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:9.0f} tok/s "
               f"{r['peak_mem_mb']:8.0f} MB   rounds: {' '.join(f'{ms:.0f}' for ms in r['ms_per_round'])}")

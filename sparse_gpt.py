@@ -106,10 +106,11 @@ def abs_bits(x):
 def abstopk(x, k):
     """Keep the k entries of largest |x| along the last dim, zero the rest (gradient flows only
     through the kept ones, since the rest are multiplied by a constant 0). Exactly k even with ties:
-    of the entries tied at a row's k-th largest |x|, those topk picks."""
+    of the entries tied at a row's k-th largest |x|, those topk picks. On a CPU the zeros are x * 0:
+    -0.0 for a dropped negative entry, and a nan or inf gradient there stays nan (0 on a GPU)."""
     bits = abs_bits(x)
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        idx = bits.topk(k, dim=-1, sorted=False).indices
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < k <= x.shape[-1]:
+        idx = bits.topk(k, dim=-1, sorted=False).indices     # also k = 0, and k > width (topk's error)
         return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
     # on a CPU, each row's k-th largest by numpy's partition (a vectorized selection), then a mask:
     # a training step about 0.77x as long as with topk and its scatter (README, Performance)
@@ -120,7 +121,7 @@ def abstopk(x, k):
     if keep.count_nonzero() > k * len(rows):
         tied = (keep.sum(-1) > k).nonzero().squeeze(1)
         idx = rows[tied].topk(k, dim=-1, sorted=False).indices     # in those rows, topk's pick
-        keep[tied] = torch.zeros_like(keep[tied]).scatter_(-1, idx, True)
+        keep[tied] = torch.zeros(len(tied), n, dtype=torch.bool).scatter_(-1, idx, True)
     keep = keep.view(x.shape)
     if (kth >= abs_bits(x.new_tensor(math.inf))).any():   # a dropped inf or nan: x * 0 would give nan
         return torch.where(keep, x, 0)

@@ -7,6 +7,7 @@ The tests: the math of each piece, and the promises a user relies on.
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import re
@@ -104,6 +105,10 @@ def test_abstopk_on_a_cpu_keeps_what_topk_and_a_scatter_keep_gradient_included()
         assert torch.equal(ours.isnan(), plain.isnan()) and torch.equal(ours.nan_to_num(), plain.nan_to_num()), b.dtype
         g = torch.randn_like(ours)
         assert torch.equal(torch.autograd.grad(ours, b, g)[0], torch.autograd.grad(plain, b, g)[0]), b.dtype
+    row, columns = torch.randn(64), torch.randn(64, 30).t()    # one row (1-D); rows that are columns of a matrix
+    for y, k in ((row, 1), (row, 64), (row, 63), (columns, 5)):
+        idx = abs_bits(y).topk(k, dim=-1, sorted=False).indices
+        assert torch.equal(abstopk(y, k), torch.zeros_like(y).scatter(-1, idx, y.gather(-1, idx))), (y.shape, k)
 
 
 def lowest_index_abstopk(x, k):
@@ -140,7 +145,7 @@ def test_a_model_with_abstopk_by_radix_runs_topk_eager_and_radix_compiled(tmp_pa
     x = torch.randn(4, 32)
     x[1, 8:] = x[1, 7]                                         # nonzero ties, where topk and radix keep other entries
     assert not torch.equal(abstopk(x, 8), lowest_index_abstopk(x, 8))
-    assert torch.equal(abstopk_radix_when_compiled(x, 8), abstopk(x, 8))   # eager: topk
+    assert torch.equal(abstopk_radix_when_compiled(x, 8), abstopk(x, 8))   # eager: abstopk, ties as topk's
     with pytest.raises(UserError, match=r"abstopk_by=radix \(given, the gpu preset's, or saved in a resumed run\) is how "
                                         r"compiled code selects; it needs"):
         tiny_train_config(tmp_path, abstopk_by="radix")
@@ -2104,7 +2109,7 @@ def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
     assert r["abstopk_share"] == pytest.approx(0.2)                    # 1 - median(12/15, 40/50, 48/60)
 
 
-def test_bench_variants_take_turns_in_their_own_processes(tmp_path):
+def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path):
     cfg = tiny_train_config(tmp_path, device="cpu")
     dense = dataclasses.replace(cfg, l0_frac=1.0)
     runs = bench.time_in_turns({"dense": (dense, True), "sparse": (cfg, True)}, steps=3, rounds=2, warmup=1)
@@ -2113,9 +2118,10 @@ def test_bench_variants_take_turns_in_their_own_processes(tmp_path):
         assert r["ms_per_step"] == statistics.median(r["ms_per_round"]) and r["peak_mem_mb"] > 0
     assert runs["sparse"]["projection_ms"] > 0 and runs["dense"]["projection_ms"] == 0   # dense projects nothing
     # a variant whose process fails stops the benchmark with its name (its traceback goes to stderr), not a hang
-    with pytest.raises(RuntimeError, match="timing broken stopped"):
+    with pytest.raises(RuntimeError, match="timing broken stopped with exit code 1"):
         bench.time_in_turns({"dense": (dense, True), "broken": (dataclasses.replace(cfg, device="cuda:99"), True)},
                             steps=1, rounds=1, warmup=0)
+    assert not multiprocessing.active_children()                 # the healthy one was stopped too
 
 
 def test_bench_refuses_a_batch_of_0_under_its_own_name():
