@@ -13,8 +13,8 @@ import platform
 import re
 import select
 import shutil
-import subprocess
 import statistics
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
@@ -2076,11 +2076,16 @@ def test_bridge_steer_channel_below_minus_1_is_refused(tmp_path):
 # bad input to bench.py
 
 
-def test_bench_compares_radix_with_topk_whichever_way_the_preset_selects(monkeypatch):
-    ms = {"dense": 10, "sparse": 20, "sparse_no_abstopk": 12, "sparse_radix": 16, "sparse_topk": 25}
+def stub_bench_timings_but_the_steps(monkeypatch):
+    """bench_shape's other timings as constants: a test sets time_in_turns, the steps' times."""
     for name, f in (("matmul_peak", lambda *a: 1e12), ("projection_seconds", lambda *a: 1.0),
                     ("hook_overhead", lambda *a: (1.0, 1.0)), ("abstopk_alone_ms", lambda *a: (1.0, 1.0))):
         monkeypatch.setattr(bench, name, f)
+
+
+def test_bench_compares_radix_with_topk_whichever_way_the_preset_selects(monkeypatch):
+    ms = {"dense": 10, "sparse": 20, "sparse_no_abstopk": 12, "sparse_radix": 16, "sparse_topk": 25}
+    stub_bench_timings_but_the_steps(monkeypatch)
     for shape, radix_over_topk in (("cpu", 16 / 20), ("gpu", 20 / 25)):   # cpu: topk, gpu: radix
         preset_way = train.PRESETS[shape].get("abstopk_by", "topk")
         def label(cfg):                                        # which variant, told by its settings
@@ -2097,9 +2102,7 @@ def test_bench_compares_radix_with_topk_whichever_way_the_preset_selects(monkeyp
 def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
     # a host slowing down mid-run: round 2 is slow for both; compared within rounds, sparse is 1.5x dense
     rounds = {"dense": [10, 20, 40], "sparse": [15, 50, 60], "sparse_no_abstopk": [12, 40, 48]}
-    for name, f in (("matmul_peak", lambda *a: 1e12), ("projection_seconds", lambda *a: 1.0),
-                    ("hook_overhead", lambda *a: (1.0, 1.0)), ("abstopk_alone_ms", lambda *a: (1.0, 1.0))):
-        monkeypatch.setattr(bench, name, f)
+    stub_bench_timings_but_the_steps(monkeypatch)
     monkeypatch.setattr(bench, "time_in_turns", lambda variants, *a: {
         name: {"ms_per_step": statistics.median(rounds[name]), "ms_per_round": rounds[name], "tokens_per_s": 1.0,
                "projection_ms": 1.0, "peak_mem_mb": 1.0} for name in variants if name in rounds})
