@@ -2112,10 +2112,18 @@ def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
     assert r["abstopk_share"] == pytest.approx(0.2)                    # 1 - median(12/15, 40/50, 48/60)
 
 
-def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path):
+def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path, monkeypatch):
     cfg = tiny_train_config(tmp_path, device="cpu")
     dense = dataclasses.replace(cfg, l0_frac=1.0)
+    asked, ask = [], bench.ask
+    def recording_ask(name, process, conn, message=None):      # what the parent asks each worker, in order
+        asked.append((name, message))
+        return ask(name, process, conn, message)
+    monkeypatch.setattr(bench, "ask", recording_ask)
     runs = bench.time_in_turns({"dense": (dense, True), "sparse": (cfg, True)}, steps=3, rounds=2, warmup=1)
+    assert asked == [("dense", None), ("sparse", None),       # each built and warmed up, then turns:
+                     ("dense", 2), ("sparse", 2), ("sparse", 1), ("dense", 1),   # the second round the other way
+                     ("dense", 0), ("sparse", 0)]              # then their peak memory and projection
     for name, r in runs.items():
         assert len(r["ms_per_round"]) == 2 and min(r["ms_per_round"]) > 0      # a share of 2 steps, then of 1
         assert r["ms_per_step"] == statistics.median(r["ms_per_round"]) and r["peak_mem_mb"] > 0
