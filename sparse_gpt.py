@@ -103,6 +103,21 @@ def abs_bits(x):
     return x.detach().abs().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
 
 
+def abstopk_keep_on_cpu(x, k):
+    """abstopk's choice as a bool mask, found faster on a CPU than by topk (a training step takes about
+    0.77x as long; README, Performance): each row's k-th largest by numpy's partition (a vectorized
+    selection), then a compare. Also whether every row's k-th |x| is finite (so no inf is dropped)."""
+    n = x.shape[-1]
+    rows = abs_bits(x).reshape(-1, n)
+    kth = torch.from_numpy(np.partition(rows.numpy(), n - k, axis=-1)[:, n - k:n - k + 1])
+    keep = rows >= kth                # the k largest, and more in a row with ties at its k-th
+    if keep.count_nonzero() > k * len(rows):
+        tied = (keep.sum(-1) > k).nonzero().squeeze(1)
+        idx = rows[tied].topk(k, dim=-1, sorted=False).indices     # in those rows, topk's pick
+        keep[tied] = torch.zeros(len(tied), n, dtype=torch.bool).scatter_(-1, idx, True)
+    return keep.view(x.shape), bool((kth < abs_bits(x.new_tensor(math.inf))).all())
+
+
 def abstopk(x, k):
     """Keep the k entries of largest |x| along the last dim, zero the rest (gradient flows only
     through the kept ones, since the rest are multiplied by a constant 0). Exactly k even with ties:
@@ -115,22 +130,6 @@ def abstopk(x, k):
         return x * keep.to(x.dtype) if kth_finite else torch.where(keep, x, 0)
     idx = abs_bits(x).topk(k, dim=-1, sorted=False).indices   # also k = 0, and k > width (topk's error)
     return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
-
-
-def abstopk_keep_on_cpu(x, k):
-    """abstopk's choice as a bool mask, found faster on a CPU than by topk (a training step takes about
-    0.77x as long; README, Performance): each row's k-th largest by numpy's partition (a vectorized
-    selection), then a compare. Also whether every row's k-th |x| is finite (so no inf is dropped)."""
-    bits = abs_bits(x)
-    rows = bits.reshape(-1, bits.shape[-1])
-    n = rows.shape[1]
-    kth = torch.from_numpy(np.partition(rows.numpy(), n - k, axis=-1)[:, n - k:n - k + 1])
-    keep = rows >= kth                # the k largest, and more in a row with ties at its k-th
-    if keep.count_nonzero() > k * len(rows):
-        tied = (keep.sum(-1) > k).nonzero().squeeze(1)
-        idx = rows[tied].topk(k, dim=-1, sorted=False).indices     # in those rows, topk's pick
-        keep[tied] = torch.zeros(len(tied), n, dtype=torch.bool).scatter_(-1, idx, True)
-    return keep.view(x.shape), bool((kth < abs_bits(x.new_tensor(math.inf))).all())
 
 
 def abstopk_radix(x, k):
