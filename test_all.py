@@ -110,7 +110,9 @@ def test_abstopk_on_a_cpu_keeps_what_topk_and_a_scatter_keep_gradient_included()
         g = torch.randn_like(ours)
         assert torch.equal(torch.autograd.grad(ours, b, g)[0], torch.autograd.grad(plain, b, g)[0]), b.dtype
     row, columns = torch.randn(64), torch.randn(64, 30).t()    # one row (1-D); rows that are columns of a matrix
-    for y, k in ((row, 1), (row, 64), (row, 63), (columns, 5)):
+    tied_once = (torch.arange(600, dtype=torch.int16) + 0x3F80).view(torch.bfloat16)   # 600 distinct values
+    tied_once[0] = -tied_once[300]     # the 300th largest |x| twice: 301 kept at first (in bf16 a sum says 300)
+    for y, k in ((row, 1), (row, 64), (row, 63), (columns, 5), (tied_once, 300), (tied_once.float(), 300)):
         assert torch.equal(abstopk(y, k), topk_abstopk(y, k)), (y.shape, k)
 
 
@@ -293,7 +295,7 @@ def test_projection_exact_counts_min_per_channel_and_dense_parts_untouched():
     assert "bigram" not in [n for n, _ in model.sparse_params()]
 
 
-@pytest.mark.parametrize("by", ["kthvalue", "topk"])   # the CPU's default and CUDA's, both run here
+@pytest.mark.parametrize("by", ["partition", "topk"])   # the CPU's default and CUDA's, both run here
 def test_topk_weight_mask_is_exact_with_ties(by):
     w = torch.zeros(10, 10)
     w[0, :3] = 1.0
@@ -302,7 +304,7 @@ def test_topk_weight_mask_is_exact_with_ties(by):
     assert mask[0, 0, :3].all() and mask[1, :3, 0].all()
     torch.manual_seed(0)
     w = torch.randn(3, 64, 32) * torch.rand(3, 64, 1)                # no ties: one right answer
-    assert torch.equal(topk_weight_mask(w, 300, 2, by), topk_weight_mask(w, 300, 2, "kthvalue"))
+    assert torch.equal(topk_weight_mask(w, 300, 2, by), topk_weight_mask(w, 300, 2, "partition"))
     keep = topk_weight_mask(w, 300, 2, by).bool()
     assert (keep.sum(2) >= 2).all() and keep.sum((1, 2)).tolist() == [300] * 3
     assert topk_weight_mask(w.bfloat16(), 300, 2, by).dtype == torch.bfloat16   # it multiplies the weights in place
