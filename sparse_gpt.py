@@ -283,11 +283,11 @@ SITE_SUFFIX = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k",
 class GPT(nn.Module):
 
     def __init__(self, config, abstopk_by="topk"):
-        """abstopk_by: how AbsTopK selects, "topk" (what topk keeps, on a CPU found by numpy's partition),
-        or "radix" under torch.compile. Both keep exactly k;
-        they differ only in which of several entries tied at the k-th |x| they keep (tied zeros: only
-        the gradient differs; in bf16/fp16 nonzero ties are common, and the output differs slightly).
-        So it is a training setting, not part of the config a checkpoint saves for its model."""
+        """abstopk_by: how AbsTopK selects, "topk" (what topk keeps, on a CPU found by numpy's
+        partition), or "radix" under torch.compile. Both keep exactly k; they differ only in which of
+        several entries tied at the k-th |x| they keep (tied zeros: only the gradient differs; in
+        bf16/fp16 nonzero ties are common, and the output differs slightly). So it is a training
+        setting, not part of the config a checkpoint saves for its model."""
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
