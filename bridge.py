@@ -216,6 +216,20 @@ def load_dense(path, device):
     return model_in(ckpt, path).to(device).eval().requires_grad_(False), ckpt
 
 
+def dense_identity(dense_ckpt):
+    """[step, val loss] of a dense checkpoint: saved with the bridges, so that a dense model retrained
+    at the same path is not bridged by bridges trained on another (the same run repeated is the same)."""
+    return [dense_ckpt.get("step"), dense_ckpt.get("val_loss")]
+
+
+def check_same_dense(bridge_ckpt, dense_ckpt, path):
+    then, now = bridge_ckpt.get("dense_identity"), dense_identity(dense_ckpt)
+    if then is not None and then != now:
+        raise UserError(f"{path} is not the dense model these bridges were trained with (step {then[0]}, val loss "
+                        f"{then[1]}; it is now step {now[0]}, val loss {now[1]}): retrained at that path? Train new "
+                        "bridges in another --out_dir")
+
+
 def load_bridge_checkpoint(path, device="cpu"):
     ckpt = load_checkpoint(path, device)
     if "bridges" not in ckpt:
@@ -237,10 +251,19 @@ def check_bridgeable(dense_cfg, sparse_cfg):
 BRIDGE_KEYS = MODEL_KEYS + ["dense", "bridge_afrac"]   # what --resume may not change: the shapes of what it loads
 
 
+def used_by_steering(key):
+    """Steering reads the models and bridges from out_dir/ckpt.pt: of the settings it uses only these."""
+    return key.startswith("steer") or key in ("out_dir", "device", "seed")
+
+
 def config_from_args(argv):
     """Defaults -> --key=value. With --resume=True the checkpoint's saved settings are the base instead,
     and the models and bridges may not change shape (train.py's rule)."""
     cfg = parse_args(BridgeConfig, argv)
+    ignored = [a.split("=", 1)[0] for a in argv if not used_by_steering(a[2:].split("=", 1)[0])]
+    if cfg.steer and ignored:
+        raise UserError(f"{', '.join(ignored)}: not used with --steer=True, which takes the models and bridges from "
+                        f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (allowed with it: --steer_*, --out_dir, --device, --seed)")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.resume:
         saved = load_bridge_checkpoint(ckpt_path)
@@ -300,6 +323,7 @@ def train_bridges(cfg):
     ckpt_path, start, stop = os.path.join(cfg.out_dir, "ckpt.pt"), 0, cfg.stop_iter or cfg.max_iters
     if cfg.resume:   # settings and shapes come from the checkpoint: see config_from_args
         ckpt = load_bridge_checkpoint(ckpt_path, cfg.device)
+        check_same_dense(ckpt, dense_ckpt, cfg.dense)
         sparse.load_state_dict(ckpt["model"])
         load_optimizer_state(optimizer, ckpt["optimizer"])
         bridges.load_state_dict(ckpt["bridges"])
@@ -330,6 +354,7 @@ def train_bridges(cfg):
             save_checkpoint(ckpt_path, sparse, optimizer, None, done, settings,
                             {"bridges": bridges.state_dict(), "bridge_optimizer": bridge_opt.state_dict(),
                              "bridge_sites": bridges.sites, "bridge_afrac": cfg.bridge_afrac, "dense": cfg.dense,
+                             "dense_identity": dense_identity(dense_ckpt),
                              "bridge_eval": ev, "val_loss": ev["sparse_val_loss"], **data_record})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
@@ -343,7 +368,8 @@ def load_bridged(cfg):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = load_bridge_checkpoint(path, cfg.device)
     sparse = model_in(ckpt, path)
-    dense, _ = load_dense(ckpt["dense"], cfg.device)
+    dense, dense_ckpt = load_dense(ckpt["dense"], cfg.device)
+    check_same_dense(ckpt, dense_ckpt, ckpt["dense"])
     bridges = Bridges(ckpt["bridge_sites"], dense.config.d_model, sparse.config.d_model, ckpt["bridge_afrac"])
     bridges.load_state_dict(ckpt["bridges"])
     return sparse.to(cfg.device).eval(), dense, bridges.to(cfg.device), data.data_folder(ckpt)
@@ -448,7 +474,7 @@ def main(argv):
     cfg = config_from_args(argv)
     settings = dataclasses.asdict(cfg)
     if cfg.steer:   # it reads the rest from the bridge checkpoint: print only what it uses
-        settings = {k: v for k, v in settings.items() if k.startswith("steer") or k in ("out_dir", "device", "seed")}
+        settings = {k: v for k, v in settings.items() if used_by_steering(k)}
     print("settings: " + json.dumps(settings))
     if cfg.steer:
         steer(cfg)

@@ -46,8 +46,8 @@ def as_arg(value):
 
 
 def parse_args(cls, argv, base=None):
-    """Apply ['--key=value', ...] to base (default: cls()); unknown keys and bad types are UserErrors,
-    and so is what cls's checks refuse."""
+    """Apply ['--key=value', ...] to base (default: cls(); or a dict of settings, checked only with the
+    arguments applied); unknown keys and bad types are UserErrors, and so is what cls's checks refuse."""
     try:
         return cls(**parse_values(cls, argv, base))
     except (TypeError, ValueError) as e:
@@ -57,13 +57,14 @@ def parse_args(cls, argv, base=None):
 def parse_values(cls, argv, base=None):
     """parse_args's settings as a dict, each parsed by its type but not yet checked together."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = dataclasses.asdict(base) if base is not None else {}
+    given = dict(base) if isinstance(base, dict) else dataclasses.asdict(base) if base is not None else {}
     if "--help" in argv or "-h" in argv:
-        defaults = base or cls()
+        shown = {**dataclasses.asdict(cls()), **given}
         print(f"{cls.__name__} settings (override with --key=value):")
         for name in fields:
-            print(f"  --{name}={as_arg(getattr(defaults, name))}")
+            print(f"  --{name}={as_arg(shown[name])}")
         raise SystemExit(0)
+    values = dict(given)
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"argument {arg!r} is not of the form --key=value")
@@ -72,7 +73,7 @@ def parse_values(cls, argv, base=None):
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise UserError(f"unknown setting --{key}{hint}; see --help")
-        default = getattr(base, key) if base is not None else default_of(fields[key])
+        default = given[key] if key in given else default_of(fields[key])
         values[key] = parse_value(text, default, key)
     return values
 
@@ -105,8 +106,12 @@ def check_out_dir(key, path):
     other settings, not found out when the first output is written after the work is done."""
     if not path:
         raise UserError(f"--{key} is empty; give a folder")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--{key}={path} is a file, not a folder")
+    part = os.path.abspath(path)
+    while not os.path.exists(part):                 # the nearest part of it that exists must be a folder
+        part = os.path.dirname(part)
+    if not os.path.isdir(part):
+        where = "is a file" if part == os.path.abspath(path) else f"is inside a file ({part})"
+        raise UserError(f"--{key}={path} {where}, not a folder")
 
 
 @contextlib.contextmanager

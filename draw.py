@@ -152,7 +152,7 @@ def main(argv):
         raise UserError(f"{cfg.circuit} is not a circuit record of prune.py (no {', '.join(missing)})")
     try:
         pictures = circuit_svg(rec), curve_svg(rec)
-    except (TypeError, KeyError, IndexError, ValueError) as e:   # a record edited by hand, or truncated
+    except (TypeError, LookupError, ValueError, AttributeError, ArithmeticError) as e:   # a record edited by hand
         raise UserError(f"{cfg.circuit} is a damaged circuit record ({type(e).__name__}: {e})")
     base = os.path.splitext(cfg.circuit)[0]
     for path, svg in zip((base + ".svg", base + "_loss.svg"), pictures):

@@ -290,17 +290,18 @@ def eval_logits(model, batches, masks, means):
 
 def fit_calibration(logits, correct, alt, steps=16):
     """logits' = a*logits + b, a scalar, b one shift per token, fit by 16 LBFGS steps [paper]. (One
-    shift for all tokens would cancel in the two-way softmax.) -> (a, b)"""
-    a, b = torch.ones((), requires_grad=True), torch.zeros(logits.size(1), requires_grad=True)
-    opt = torch.optim.LBFGS([a, b], max_iter=steps, line_search_fn="strong_wolfe")
+    shift for all tokens would cancel in the two-way softmax.) a is fit as exp(log a), so a > 0: a
+    negative scale would swap the answers, and the nonsense control would look solved. -> (a, b)"""
+    log_a, b = torch.zeros((), requires_grad=True), torch.zeros(logits.size(1), requires_grad=True)
+    opt = torch.optim.LBFGS([log_a, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = task_loss(a * logits + b, correct, alt)[0]
+        loss = task_loss(log_a.exp() * logits + b, correct, alt)[0]
         loss.backward()
         return loss
     opt.step(closure)
-    return a.detach(), b.detach()
+    return log_a.exp().detach(), b.detach()
 
 
 def calibrated(logits, correct, alt, calibrate, calibration=None):

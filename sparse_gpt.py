@@ -359,7 +359,9 @@ class GPT(nn.Module):
                 self.sites[name].hook = hook
 
     def run_with_cache(self, idx, names=None):
-        """Forward pass that also returns {site name: activation} for the named (default: all) sites."""
+        """Forward pass that also returns {site name: activation} for the named (default: all) sites;
+        names: a list of site names, or one name."""
+        names = [names] if isinstance(names, str) else names
         cache = {}
 
         def record(x, name):
@@ -462,7 +464,7 @@ def load_checkpoint(path, device="cpu"):
     """torch.load with a one-line error for anything that is not one of our checkpoints."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):   # the latter: a part of the path is a file
         raise UserError(f"checkpoint {path} does not exist")
     except Exception as e:
         raise UserError(f"{path} is not a sparse-circuits checkpoint ({type(e).__name__})")

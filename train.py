@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tasks
-from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
-                    parse_values, resolve_device, run_main, write_atomic)
+from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed, default_of,
+                    parse_args, parse_values, resolve_device, run_main, write_atomic)
 from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
 
@@ -306,14 +306,23 @@ def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
     settings = saved["train_config"]
     if saved.get("format") != CHECKPOINT_FORMAT:   # an older one: its device was resolved, auto is likelier
         settings = {**settings, "device": "auto"}
-    base = cls(**{**settings, "resume": True, "stop_iter": 0})
-    cfg = parse_args(cls, argv, base=base)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise UserError(f"{ckpt_path} was saved with settings this {cls.__name__} lacks ({', '.join(unknown)}): "
+                        "it is from another version of this code")
+    base = {**{name: default_of(f) for name, f in fields.items()}, **settings, "resume": True, "stop_iter": 0}
+    values = parse_values(cls, argv, base)
+    try:   # checked with --key=value applied, so that an argument can mend a saved value this code refuses
+        cfg = parse_args(cls, [], base=values)
+    except UserError as e:
+        raise UserError(f"{e} (a resumed run starts from the settings saved in {ckpt_path}; --key=value overrides them)")
     if not any(a.startswith("--device=") for a in argv):
         try:
             resolve_device(cfg.device)
         except UserError as e:   # the saved device, which this machine may lack
             raise UserError(f"{e} ({ckpt_path} was run with --device={cfg.device}; --device=auto picks this machine's)")
-    changed = [k for k in fixed_keys if getattr(cfg, k) != getattr(base, k)]
+    changed = [k for k in fixed_keys if getattr(cfg, k) != base[k]]
     if changed:
         raise UserError(f"--resume cannot change the model or bridge shape ({', '.join(changed)}) of {ckpt_path}")
     if saved["step"] >= (cfg.stop_iter or cfg.max_iters):
@@ -378,10 +387,14 @@ def train(cfg):
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) < cfg.block_size + 2:   # get_batch draws windows of block_size + 1 tokens
             raise UserError(f"the {split} split of {cfg.data_dir or data.default_data_dir()} has {len(tokens)} tokens, "
-                            f"too few for --block_size={cfg.block_size} (needs {cfg.block_size + 2}): "
-                            "give a folder with more .py files or a smaller --block_size")
-    task_prompts = [p for p in tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test")
-                    if len(p.ids) <= cfg.block_size] if cfg.eval_task else []   # a short context sees fewer
+                            f"too few for --block_size={cfg.block_size} (needs {cfg.block_size + 2}): give a folder "
+                            "with more .py files" + (" or a smaller --block_size" if len(tokens) >= 3 else ""))
+    prompts = tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test") if cfg.eval_task else []
+    task_prompts = [p for p in prompts if len(p.ids) <= cfg.block_size]   # a short context sees fewer
+    if prompts and not task_prompts:
+        raise UserError(f"--block_size={cfg.block_size} is shorter than every {cfg.eval_task} test prompt (the "
+                        f"shortest has {min(len(p.ids) for p in prompts)} tokens); pass --eval_task= for no task "
+                        "loss, or a larger --block_size")
 
     model = make_model(cfg)
     optimizer = make_optimizer(model, cfg)
@@ -401,6 +414,8 @@ def train(cfg):
     n_sparse = sum(p.numel() for _, p in model.sparse_params())
     log(f"model: {model.num_params():,} parameters, {n_sparse:,} sparsifiable; target L0 {cfg.l0_frac:g}, "
         f"AbsTopK {cfg.afrac:g}; {world} process(es) on {cfg.device}")
+    if cfg.dtype != "float32" and not cfg.device.startswith("cuda"):
+        log(f"note: --dtype={cfg.dtype} is autocast on CUDA only; on {cfg.device} this run computes in float32")
 
     raw = model
     if cfg.compile:
