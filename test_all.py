@@ -2067,6 +2067,8 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
                                                "the standard library")]
     for name, tokenizer in (("tok_a", "a" * 12), ("tok_b", "b" * 12)):
         torch.save({**torch.load(dense, weights_only=False), "tokenizer": tokenizer}, tmp_path / f"{name}.pt")
+    short = save_tiny(tmp_path / "short" / "ckpt.pt", GPT(tiny_config(block_size=8)), l0_frac=1.0, afrac=1.0)
+    cases += [(sparse, f"{dense},{short}", rf"{short} has block_size=8 but {sparse} 16: val losses over contexts")]
     cases += [(sparse, f"{tmp_path / 'tok_a.pt'},{dense}", "reached load"),             # one id, one unrecorded
               (sparse, f"{tmp_path / 'tok_a.pt'},{tmp_path / 'tok_b.pt'}", "trained with different tokenizers")]
     for s, d, words in cases:
