@@ -182,21 +182,36 @@ def cache_key(data_dir, files, cfg):
     h = hashlib.sha256()   # data_dir too: the validation split hashes paths relative to it
     h.update(json.dumps([SPLIT_PATTERN, VOCAB_SIZE, cfg.tokenizer_sample_bytes, cfg.val_every,
                          os.path.realpath(data_dir)]).encode())
+    with open(__file__, "rb") as f:   # this code makes the tokenizer and the split: an edit builds anew
+        h.update(f.read())
     for path in files:
         st = os.stat(path)
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:12]
 
 
-def prepare(cfg=DataConfig(), verbose=True):
+def cache_is_complete(folder):
+    """meta.json is written last, so it marks a finished cache; the files it describes must still be
+    as written (not cut short by a copy, or deleted), else the cache is built again."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        return ((meta["val_tokens"] > 0 or meta["files"] < 2)   # else built before val_flags
+                and all(os.path.getsize(os.path.join(folder, f"{split}.bin")) == 2 * meta[f"{split}_tokens"]
+                        for split in ("train", "val"))
+                and meta.get("tokenizer", tokenizer_id(folder)) == tokenizer_id(folder))   # older caches lack it
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def prepare(cfg=None, verbose=True):
     """Build (or find) the cache; returns its folder, holding tokenizer.tiktoken, train.bin, val.bin."""
+    cfg = cfg or DataConfig()
     data_dir = cfg.data_dir or default_data_dir()
     files = list_py_files(data_dir)
     folder = os.path.abspath(os.path.join(cfg.cache_dir, cache_key(data_dir, files, cfg)))   # checkpoints record it
-    if os.path.exists(os.path.join(folder, "meta.json")):
-        with open(os.path.join(folder, "meta.json")) as f:
-            if json.load(f)["val_tokens"] or len(files) < 2:   # else built before val_flags: build it again
-                return folder
+    if cache_is_complete(folder):
+        return folder
     os.makedirs(folder, exist_ok=True)
     t0 = time.time()
     flags = val_flags([os.path.relpath(p, data_dir) for p in files], [os.path.getsize(p) for p in files], cfg.val_every)
@@ -215,7 +230,7 @@ def prepare(cfg=DataConfig(), verbose=True):
     enc = make_encoding(ranks_path)
     if verbose:
         print(f"data: {len(files)} files in {data_dir}; tokenizer trained in {time.time() - t0:.1f}s")
-    meta = {"data_dir": data_dir, "files": len(files), "val_files": len(val_files)}
+    meta = {"data_dir": data_dir, "files": len(files), "val_files": len(val_files), "tokenizer": tokenizer_id(folder)}
     for split, paths in (("train", train_files), ("val", val_files)):
         docs = enc.encode_ordinary_batch([read_text(p) for p in paths])
         ids = np.fromiter((t for d in docs for t in d + [enc.eot_token]), dtype=np.uint16)
@@ -252,7 +267,7 @@ def data_folder(ckpt, data_dir=None, verbose=False):
     saved_dir = ckpt.get("train_config", {}).get("data_dir", "")
     data_dir = saved_dir if data_dir is None else data_dir
     recorded, same_dir = ckpt.get("data"), same_data_dir(data_dir, saved_dir)
-    if recorded and same_dir and os.path.exists(os.path.join(recorded, "meta.json")):
+    if recorded and same_dir and cache_is_complete(recorded):
         return os.path.abspath(recorded)   # (older checkpoints saved it relative to where they ran)
     if recorded and same_dir and not os.path.isdir(user_dir(data_dir) or default_data_dir()):
         raise UserError(f"the model's data folder {recorded} is gone, and so is data_dir={data_dir}, the folder "
@@ -279,7 +294,9 @@ def load_tokens(folder, split):
 
 
 def get_batch(tokens, batch_size, block_size, generator):
-    """Random windows of block_size+1 tokens; the torch.Generator makes the order reproducible."""
+    """Random windows of block_size+1 tokens; the torch.Generator makes the order reproducible. The
+    starts are 0 .. len - block_size - 2: the last possible one is never drawn (one window in some
+    million; kept so, since the README's runs drew these batches)."""
     ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
     x = np.stack([tokens[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64)
     x = torch.from_numpy(x)

@@ -652,6 +652,12 @@ def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeyp
     json.dump({**meta, "val_files": 0, "val_tokens": 0}, open(os.path.join(folder, "meta.json"), "w"))
     assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder
     assert json.load(open(os.path.join(folder, "meta.json")))["val_tokens"] > 0   # a cache of the old split: rebuilt
+    tokenizer = open(os.path.join(folder, "tokenizer.tiktoken"), "rb").read()
+    for name, damaged in (("train.bin", b"\0" * 1000), ("tokenizer.tiktoken", tokenizer[:len(tokenizer) // 2])):
+        open(os.path.join(folder, name), "wb").write(damaged)        # a copy cut short: found, and built again
+        assert not data.cache_is_complete(folder)
+        assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder
+        assert len(data.load_tokens(folder, "train")) == meta["train_tokens"] and data.cache_is_complete(folder)
     for split, files in (("train", meta["files"] - meta["val_files"]), ("val", meta["val_files"])):
         tokens = data.load_tokens(folder, split)                          # every document ends with one <|endoftext|>
         assert int((tokens == 2047).sum()) == files and tokens[-1] == 2047, split
@@ -980,7 +986,7 @@ def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(t
     folder, _ = corpus
     own = tmp_path / "data" / "0123456789ab"                       # e.g. a tokenizer of older code, kept
     own.mkdir(parents=True)
-    for name in ("meta.json", "tokenizer.tiktoken"):
+    for name in ("meta.json", "tokenizer.tiktoken", "train.bin", "val.bin"):
         (own / name).write_bytes(open(os.path.join(folder, name), "rb").read())
     path = save_tiny(tmp_path / "m" / "ckpt.pt", tiny_model(), 3.0)
     torch.save({**torch.load(path, weights_only=False), "data": str(own)}, path)
@@ -1000,6 +1006,15 @@ def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(t
         data.data_folder(other)
     files, cfg = [os.path.join(HERE, "config.py")], data.DataConfig()   # one set of files under two data_dirs:
     assert data.cache_key(HERE, files, cfg) != data.cache_key(os.path.dirname(HERE), files, cfg)   # two val splits
+    edited = tmp_path / "data.py"                                   # data.py edited: another tokenizer, maybe
+    edited.write_text(open(data.__file__).read() + "# edited\n")
+    before = data.cache_key(HERE, files, cfg)
+    monkeypatch.setattr(data, "__file__", str(edited))
+    assert data.cache_key(HERE, files, cfg) != before
+    (tmp_path / "out").write_text("")                               # a file named out where a script runs:
+    result = subprocess.run([sys.executable, "-c", "import data"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-500:]             # only the default --cache_dir would be refused
 
 
 def test_the_quote_task_closes_with_the_quote_that_opened_the_string(corpus):
