@@ -155,8 +155,8 @@ def keep_freed_memory():
     CPU that was 16-24% of a sparse training step (bench.py times both allocators). PyTorch's
     CPU tuning guide preloads jemalloc or tcmalloc for the same reason; this is glibc's own knob, so no
     new dependency. Returns the mmap threshold set, in bytes (1 GB; 32 MB on older glibc), or 0 where
-    the C library is not glibc (macOS, Windows, musl). Called by run_main, bench.py's timed processes
-    and headline.py's pool: remove those calls to turn it off."""
+    the C library is not glibc (macOS, Windows, musl). Called by set_up_process (run_main, headline.py's
+    pool) and by bench.py's main and timed processes: remove those calls to turn it off."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -524,7 +524,9 @@ def test_every_step_micro_step_and_rank_draws_its_own_batch():
     cfg, tokens = tiny_train_config("out/never"), torch.arange(100_000)
     keys = [(3, 0, 0), (3, 1, 0), (4, 0, 0), (3, 0, 1)]        # (step, micro-step, rank)
     xs = [train.batch_for(tokens, s, m, cfg, r)[0] for s, m, r in keys]
-    assert len({tuple(x.flatten().tolist()) for x in xs}) == 4  # accumulation averages distinct batches
+    xs.append(train.batch_for(tokens, 2, 0, dataclasses.replace(cfg, seed=cfg.seed + 1))[0])   # another seed
+    assert len({tuple(x.flatten().tolist()) for x in xs}) == 5  # distinct: accumulation averages them, and
+                                                                # one seed's are not another's a step later
     assert torch.equal(train.batch_for(tokens, 3, 1, cfg, 0)[0], xs[1])   # and draws them again on resume
 
 
@@ -703,7 +705,7 @@ def test_bpe_counts_only_the_pairs_a_merge_leaves():
 
 
 def test_training_reaches_exact_sparsity_and_checkpoint_loads(tmp_path, corpus):
-    cfg = tiny_train_config(tmp_path / "run", max_iters=4)
+    cfg = tiny_train_config(tmp_path / "run", max_iters=4, anneal_end=1.0)   # the target L0 after the last step
     history = train.train(cfg)
     assert len(history) == 4 and all(math.isfinite(loss) for _, loss in history)
     model = GPT.from_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
@@ -1035,6 +1037,20 @@ def test_each_tasks_correct_answer_follows_its_rule(corpus):
         "var_swap": lambda t: " " + last(t).split(",")[0].strip(),                        # a, b = b, -> a
         "class_init": lambda t: " " + t.rsplit("self.", 1)[1].split(" ")[0].lstrip("_"),  # self.x = -> x
         "indent_for": lambda t: " " * (len(t.split("\n")[-2]) - len(t.split("\n")[-2].lstrip()) + 3),
+        "set_or_string": lambda t: ".add" if f"{last(t).strip()} = set()" in t else " +=",
+        "set_or_string_fixedvarname": lambda t: ".add" if "current = set()" in t else " +=",
+        "with_open": lambda t: "r" if re.search(r"def _?(read|load|parse|scan)_", t) else "w",
+        "else_elif": lambda t: ":" if last(t).endswith("else") else         # the chain's own tests, at its indent
+                     " " + re.findall(rf"^{last(t)[:-4]}(?:if|elif) (\w+)", t, re.M)[-1],
+        "if_ternary": lambda t: ":" if last(t).lstrip().startswith("if ") else " else",
+        "if_equals": lambda t: " ==" if last(t).lstrip().startswith("if ") else " =",
+        "fstring_brace": lambda t: "}" if re.search(r"f[\"'][^\"']*\{[^{]*$", last(t)) else ":",
+        "bracket_brace": lambda t: ":" if t.rfind("{") > t.rfind("[") else ",",
+        "var_if": lambda t: " " + t.split("\n")[-2].split()[1],                        # if x is None: -> x
+        "while_return_true": lambda t: ":" if last(t).lstrip().startswith("while") else "\n",
+        "lambda_func": lambda t: ":" if " lambda " in last(t) else "(",
+        "enumerate_range": lambda t: " en" if "," in last(t) else " range",
+        "final_kwarg": lambda t: "=None" if "=" in last(t).rsplit("(", 1)[1] else "):",
     }
     for name, rule in rules.items():
         for p in make_prompts(name, enc, 40, 0, "test"):
@@ -1292,6 +1308,9 @@ def test_bisection_on_a_model_with_a_known_circuit_and_masks_that_learn_it():
     assert sorted(prune.circuit_edges(model, keep)) == [
         ("0.mlp.act_in", 0, "0.mlp.post_act", 5, 1.0), ("0.mlp.act_in", 0, "0.mlp.post_act", 6, -1.0),
         ("0.mlp.post_act", 5, "0.mlp.resid_delta", 1, 1.0), ("0.mlp.post_act", 6, "0.mlp.resid_delta", 1, -1.0)]
+    losses = prune.checks(model, keep, batches, batches, zeros, cfg)
+    assert losses["circuit"] == pytest.approx(losses["full"], abs=0.01)            # sufficient: it alone does it
+    assert losses["circuit_ablated"] >= math.log(2) - 1e-3 > 0.3 > losses["circuit"]   # necessary: without it, chance
     # the mask optimization itself keeps the carriers (tau > 0) and drops the rest
     taus = prune.train_masks(model, prompts, zeros, cfg, "cpu", log=lambda *a: None)
     assert {(s, i) for s, t in taus.items() for i in (t > 0).nonzero()[:, 0].tolist()} == CARRIERS
