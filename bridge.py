@@ -260,11 +260,11 @@ def config_from_args(argv):
     """Defaults -> --key=value. With --resume=True the checkpoint's saved settings are the base instead,
     and the models and bridges may not change shape (train.py's rule)."""
     cfg = parse_args(BridgeConfig, argv)
-    ignored = [a.split("=", 1)[0] for a in argv if not used_by_steering(a[2:].split("=", 1)[0])]
-    if cfg.steer and ignored:
-        raise UserError(f"{', '.join(ignored)}: not used with --steer=True, which takes the models and bridges from "
-                        f"{os.path.join(cfg.out_dir, 'ckpt.pt')} (allowed with it: --steer_*, --out_dir, --device, --seed)")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ignored = [a.split("=", 1)[0] for a in argv if not used_by_steering(a[2:].split("=", 1)[0])] if cfg.steer else []
+    if ignored:
+        raise UserError(f"{', '.join(ignored)}: not used with --steer=True, which takes the models and bridges "
+                        f"from {ckpt_path} (allowed with it: --steer_*, --out_dir, --device, --seed)")
     if cfg.resume:
         saved = load_bridge_checkpoint(ckpt_path)
         for key in TRAIN_ONLY_KEYS:   # runs from before bridge.py refused them saved train.py's defaults

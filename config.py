@@ -106,11 +106,11 @@ def check_out_dir(key, path):
     other settings, not found out when the first output is written after the work is done."""
     if not path:
         raise UserError(f"--{key} is empty; give a folder")
-    part = os.path.abspath(path)
-    while not os.path.exists(part):                 # the nearest part of it that exists must be a folder
-        part = os.path.dirname(part)
-    if not os.path.isdir(part):
-        where = "is a file" if part == os.path.abspath(path) else f"is inside a file ({part})"
+    part = path                                     # not normalized: a/../b needs a to be a folder too
+    while not os.path.exists(part) and os.path.dirname(part) not in ("", part):
+        part = os.path.dirname(part)                # the nearest part of it that exists must be a folder
+    if os.path.exists(part) and not os.path.isdir(part):
+        where = "is a file" if part == path else f"is inside a file ({part})"
         raise UserError(f"--{key}={path} {where}, not a folder")
 
 
@@ -156,7 +156,8 @@ def keep_freed_memory():
     CPU tuning guide preloads jemalloc or tcmalloc for the same reason; this is glibc's own knob, so no
     new dependency. Returns the mmap threshold set, in bytes (1 GB; 32 MB on older glibc), or 0 where
     the C library is not glibc (macOS, Windows, musl). Called by set_up_process (run_main, headline.py's
-    pool) and by bench.py's main and timed processes: remove those calls to turn it off."""
+    pool) and by bench.py's timed processes: remove those calls to turn it off (bench.py's main calls it
+    only to see whether to time the sparse step without it)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

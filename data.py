@@ -199,14 +199,15 @@ def cache_is_complete(folder):
         return ((meta["val_tokens"] > 0 or meta["files"] < 2)   # else built before val_flags
                 and all(os.path.getsize(os.path.join(folder, f"{split}.bin")) == 2 * meta[f"{split}_tokens"]
                         for split in ("train", "val"))
-                and meta.get("tokenizer", tokenizer_id(folder)) == tokenizer_id(folder))   # older caches lack it
+                and meta.get("tokenizer") in (None, tokenizer_id(folder)))   # None: older caches lack it
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def prepare(cfg=None, verbose=True):
     """Build (or find) the cache; returns its folder, holding tokenizer.tiktoken, train.bin, val.bin."""
-    cfg = cfg or DataConfig()
+    if cfg is None:
+        cfg = DataConfig()
     data_dir = cfg.data_dir or default_data_dir()
     files = list_py_files(data_dir)
     folder = os.path.abspath(os.path.join(cfg.cache_dir, cache_key(data_dir, files, cfg)))   # checkpoints record it
@@ -262,26 +263,27 @@ def checkpoint_record(folder):
 
 def data_folder(ckpt, data_dir=None, verbose=False):
     """The data folder (tokenizer, tokens) a checkpoint's model was trained with: the one it records,
-    while it exists and data_dir (default: the checkpoint's) is the folder it was trained on; else the
-    one of data_dir, built now if need be."""
+    while it is complete and data_dir (default: the checkpoint's) is the folder it was trained on; else
+    the one of data_dir, built now if need be."""
     saved_dir = ckpt.get("train_config", {}).get("data_dir", "")
     data_dir = saved_dir if data_dir is None else data_dir
     recorded, same_dir = ckpt.get("data"), same_data_dir(data_dir, saved_dir)
     if recorded and same_dir and cache_is_complete(recorded):
         return os.path.abspath(recorded)   # (older checkpoints saved it relative to where they ran)
     if recorded and same_dir and not os.path.isdir(user_dir(data_dir) or default_data_dir()):
-        raise UserError(f"the model's data folder {recorded} is gone, and so is data_dir={data_dir}, the folder "
+        raise UserError(f"the model's data folder {recorded} is gone or incomplete, and so is data_dir={data_dir}, the folder "
                         "of .py files it was trained on, to build it again")
     folder = prepare(DataConfig(data_dir=data_dir), verbose)
     if recorded and same_dir and os.path.basename(os.path.normpath(recorded)) != os.path.basename(folder):
         # the inputs changed since training: data_dir's files, data.py, or (the standard library) Python
         if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer_id(folder):
-            raise UserError(f"the model's data folder {recorded} is gone, and the tokenizer built now from "
+            raise UserError(f"the model's data folder {recorded} is gone or incomplete, and the tokenizer built "
+                            f"now from "
                             f"data_dir={data_dir or default_data_dir()} ({folder}) is not the model's: its files, "
                             "data.py or the Python changed since; restore the folder or what changed")
         same = ("with the model's tokenizer" if ckpt.get("tokenizer")
                 else "(its tokenizer differs if the files, data.py or Python changed)")
-        print(f"note: the model's data folder {recorded} is gone; using {folder}, built from the same data_dir "
+        print(f"note: the model's data folder {recorded} is gone or incomplete; using {folder}, built from the same data_dir "
               f"now {same}; its train/val tokens differ if the files changed since training")
     return folder
 

@@ -439,7 +439,8 @@ def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_w
     for bad, words in [("--mlp_ratio=0", "mlp_ratio=0 must be positive"), ("--d_head=0", "d_head=0 must be positive"),
                        ("--d_model=-16", "d_model=-16 must be positive"), ("--d_model=0", "d_model=0 must be positive"),
                        ("--out_dir=", "out_dir is empty"), (f"--out_dir={__file__}", "is a file, not a folder"),
-                       (f"--out_dir={__file__}/runs/a", r"is inside a file \(.*test_all.py\), not a folder")]:
+                       (f"--out_dir={__file__}/runs/a", r"is inside a file \(.*test_all.py\), not a folder"),
+                       (f"--out_dir={__file__}/../o", r"is inside a file \(.*test_all.py\), not a folder")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args([f"--out_dir={tmp_path / 'o'}", bad])
     for name in ["gpu", "cuda:x", "cuda:99", "cpu:0"] + ([] if torch.backends.mps.is_available() else ["mps"]):
@@ -612,7 +613,7 @@ def test_a_dangling_link_is_skipped_and_a_lost_data_folder_is_named(tmp_path):
     (tmp_path / "alias").symlink_to(tmp_path)                  # one folder by two names is one data_dir
     assert data.same_data_dir(str(tmp_path / "alias"), str(tmp_path)) and not data.same_data_dir(str(tmp_path), "")
     lost = {"data": str(tmp_path / "cache"), "train_config": {"data_dir": str(tmp_path / "moved")}}
-    with pytest.raises(UserError, match=r"data folder .*cache is gone, and so is data_dir=.*moved, the folder"):
+    with pytest.raises(UserError, match=r"data folder .*cache is gone or incomplete, and so is data_dir=.*moved, the folder"):
         data.data_folder(lost)
     with pytest.raises(UserError, match=r"--cache_dir=.*a.py is a file, not a folder"):
         data.DataConfig(cache_dir=str(tmp_path / "a.py"))
@@ -764,7 +765,7 @@ def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, cor
     decay, no_decay = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
     assert [(g["weight_decay"], g["eps"], g["betas"]) for g in (decay, no_decay)] == [(0.0, 1e-8, (0.9, 0.99))] * 2
     torch.save({**ckpt, "train_config": {**ckpt["train_config"], "abstopk_by": "bisection"}}, tmp_path / "cut" / "ckpt.pt")
-    with pytest.raises(UserError, match=r"abstopk_by=bisection is unknown.*\(a resumed run starts from the settings saved in"):
+    with pytest.raises(UserError, match=r"abstopk_by=bisection is unknown.*\(resuming .*ckpt.pt: its saved settings, with --key=value applied\)"):
         train.config_from_args(resume)                       # a value an older version saved, named as saved
     assert train.config_from_args(resume + ["--abstopk_by=topk"]).abstopk_by == "topk"   # and mended by an argument
     torch.save({**ckpt, "train_config": {**ckpt["train_config"], "old_setting": 1}}, tmp_path / "cut" / "ckpt.pt")
@@ -828,10 +829,15 @@ def test_a_context_shorter_than_every_eval_task_prompt_is_refused_before_trainin
     assert not (tmp_path / "short").exists()
 
 
-def test_gradient_accumulation_reports_the_mean_loss_not_the_sum(tmp_path, corpus, capsys):
+def test_gradient_accumulation_reports_the_mean_loss_not_the_sum(tmp_path, corpus):
     history = train.train(tiny_train_config(tmp_path / "acc", max_iters=1, eval_interval=1, eval_task="",
-                                            gradient_accumulation_steps=2, dtype="bfloat16", device="cpu"))
+                                            gradient_accumulation_steps=2))
     assert history[0][1] == pytest.approx(math.log(2048), rel=0.05)   # an untrained model's loss per token
+
+
+def test_a_half_precision_dtype_on_a_cpu_says_the_run_computes_in_float32(tmp_path, corpus, capsys):
+    train.train(tiny_train_config(tmp_path / "bf16", max_iters=1, eval_interval=1, eval_task="", dtype="bfloat16",
+                                  device="cpu"))
     assert "note: --dtype=bfloat16 is autocast on CUDA only; on cpu this run computes in float32" in capsys.readouterr().out
 
 # -----------------------------------------------------------------------------
@@ -1004,7 +1010,7 @@ def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(t
     assert "note: the model's data folder" in capsys.readouterr().out
     same, other = ({**gone("0123456789ab"), "tokenizer": tid} for tid in (data.tokenizer_id(folder), "0" * 12))
     assert data.data_folder(same) == folder and "with the model's tokenizer" in capsys.readouterr().out   # checked
-    with pytest.raises(UserError, match=r"gone, and the tokenizer built now from data_dir=.* is not the model's: its files, data.py"):
+    with pytest.raises(UserError, match=r"gone or incomplete, and the tokenizer built now from data_dir=.* is not the model's: its files, data.py"):
         data.data_folder(other)
     files, cfg = [os.path.join(HERE, "config.py")], data.DataConfig()   # one set of files under two data_dirs:
     assert data.cache_key(HERE, files, cfg) != data.cache_key(os.path.dirname(HERE), files, cfg)   # two val splits
@@ -1310,7 +1316,7 @@ def test_bisection_on_a_model_with_a_known_circuit_and_masks_that_learn_it():
         ("0.mlp.post_act", 5, "0.mlp.resid_delta", 1, 1.0), ("0.mlp.post_act", 6, "0.mlp.resid_delta", 1, -1.0)]
     losses = prune.checks(model, keep, batches, batches, zeros, cfg)
     assert losses["circuit"] == pytest.approx(losses["full"], abs=0.01)            # sufficient: it alone does it
-    assert losses["circuit_ablated"] >= math.log(2) - 1e-3 > 0.3 > losses["circuit"]   # necessary: without it, chance
+    assert losses["circuit_ablated"] >= math.log(2) - 1e-3                         # necessary: without it, chance
     # the mask optimization itself keeps the carriers (tau > 0) and drops the rest
     taus = prune.train_masks(model, prompts, zeros, cfg, "cpu", log=lambda *a: None)
     assert {(s, i) for s, t in taus.items() for i in (t > 0).nonzero()[:, 0].tolist()} == CARRIERS

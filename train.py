@@ -316,7 +316,7 @@ def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
     try:   # checked with --key=value applied, so that an argument can mend a saved value this code refuses
         cfg = parse_args(cls, [], base=values)
     except UserError as e:
-        raise UserError(f"{e} (a resumed run starts from the settings saved in {ckpt_path}; --key=value overrides them)")
+        raise UserError(f"{e} (resuming {ckpt_path}: its saved settings, with --key=value applied)")
     if not any(a.startswith("--device=") for a in argv):
         try:
             resolve_device(cfg.device)
