@@ -271,20 +271,19 @@ def data_folder(ckpt, data_dir=None, verbose=False):
     if recorded and same_dir and cache_is_complete(recorded):
         return os.path.abspath(recorded)   # (older checkpoints saved it relative to where they ran)
     if recorded and same_dir and not os.path.isdir(user_dir(data_dir) or default_data_dir()):
-        raise UserError(f"the model's data folder {recorded} is gone or incomplete, and so is data_dir={data_dir}, the folder "
-                        "of .py files it was trained on, to build it again")
+        raise UserError(f"the model's data folder {recorded} is gone or incomplete, and so is data_dir={data_dir}, "
+                        "the folder of .py files it was trained on, to build it again")
     folder = prepare(DataConfig(data_dir=data_dir), verbose)
     if recorded and same_dir and os.path.basename(os.path.normpath(recorded)) != os.path.basename(folder):
         # the inputs changed since training: data_dir's files, data.py, or (the standard library) Python
         if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer_id(folder):
             raise UserError(f"the model's data folder {recorded} is gone or incomplete, and the tokenizer built "
-                            f"now from "
-                            f"data_dir={data_dir or default_data_dir()} ({folder}) is not the model's: its files, "
-                            "data.py or the Python changed since; restore the folder or what changed")
+                            f"now from data_dir={data_dir or default_data_dir()} ({folder}) is not the model's: its "
+                            "files, data.py or the Python changed since; restore the folder or what changed")
         same = ("with the model's tokenizer" if ckpt.get("tokenizer")
                 else "(its tokenizer differs if the files, data.py or Python changed)")
-        print(f"note: the model's data folder {recorded} is gone or incomplete; using {folder}, built from the same data_dir "
-              f"now {same}; its train/val tokens differ if the files changed since training")
+        print(f"note: the model's data folder {recorded} is gone or incomplete; using {folder}, built from the same "
+              f"data_dir now {same}; its train/val tokens differ if the files changed since training")
     return folder
 
 
