@@ -296,8 +296,8 @@ def load_tokens(folder, split):
 
 def get_batch(tokens, batch_size, block_size, generator):
     """Random windows of block_size+1 tokens; the torch.Generator makes the order reproducible. The
-    starts are 0 .. len - block_size - 2: the last possible one is never drawn (one window in some
-    million; kept so, since the README's runs drew these batches)."""
+    starts are 0 .. len - block_size - 2: the last possible one is never drawn (one start of each split;
+    kept so, since the README's runs drew these batches)."""
     ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
     x = np.stack([tokens[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64)
     x = torch.from_numpy(x)
