@@ -17,9 +17,10 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   rounds of the ratio within a round: a shared host's speed drifts between minutes by tens of percent.
   The variants' processes live together: a run holds the sum of their peak memory.
 - the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
-  (sparse step minus the same step without AbsTopK; and its forward timed alone on the sites'
-  shapes, against the plain way, topk on |x| and a scatter), and our projection against a naive
-  reference that sorts every matrix fully.
+  (sparse step minus the same step without AbsTopK; and its forward timed alone, eager, on the
+  sites' shapes, against the plain way, topk on |x| and a scatter; where the preset compiles, its
+  step selects by radix, and this share is what eager calls pay, not the step), and our projection
+  against a naive reference that sorts every matrix fully.
 - MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
   matmul rate measured here in the dtype the shape trains in (fp32 on a CPU). The sparse model runs
   the same dense matmuls, so its FLOPs are counted as dense.
@@ -357,7 +358,7 @@ def main(argv):
         lo, hi = min(r["sparse_over_dense_rounds"]), max(r["sparse_over_dense_rounds"])
         print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} (rounds {lo:.2f}-{hi:.2f}) | "
               f"projection {r['projection_share']:.1%} of a step | AbsTopK {r['abstopk_share']:.1%} "
-              f"(its forward alone {r['abstopk_forward_share']:.1%}"
+              f"(its forward alone, eager, {r['abstopk_forward_share']:.1%}"
               + (f"; topk and a scatter {r['abstopk_plain_over_ours']:.2f}x as long" if r["abstopk_plain_over_ours"] else "")
               + f") | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
               f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "
