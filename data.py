@@ -75,11 +75,14 @@ def same_data_dir(a, b):
 def list_py_files(data_dir):
     if not os.path.isdir(data_dir):
         raise UserError(f"data_dir={data_dir} is not a folder")
-    files = []
+    files, seen = [], set()
     for root, dirs, names in os.walk(data_dir):
         dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
-        files += [os.path.join(root, n) for n in sorted(names)
-                  if n.endswith(".py") and os.path.isfile(os.path.join(root, n))]   # not a dangling link
+        for path in (os.path.join(root, n) for n in sorted(names) if n.endswith(".py")):
+            # not a dangling link; a file under two names (a link to it) once, or it could be in both splits
+            if os.path.isfile(path) and os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                files.append(path)
     if not files:
         raise UserError(f"data_dir={data_dir} holds no .py files")
     return files

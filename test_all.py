@@ -606,9 +606,13 @@ def test_data_dir_without_py_files_or_with_too_little_text_is_a_user_error(tmp_p
         data.prepare(data.DataConfig(data_dir=str(tmp_path / "none")))
 
 
-def test_a_dangling_link_is_skipped_and_a_lost_data_folder_is_named(tmp_path):
+def test_a_dangling_link_is_skipped_a_linked_file_read_once_and_a_lost_data_folder_is_named(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").symlink_to(tmp_path / "gone.py")
+    assert data.list_py_files(str(tmp_path)) == [str(tmp_path / "a.py")]
+    (tmp_path / "c.py").symlink_to(tmp_path / "a.py")         # one file by two names is read once
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.py").symlink_to(tmp_path / "a.py")
     assert data.list_py_files(str(tmp_path)) == [str(tmp_path / "a.py")]
     (tmp_path / "alias").symlink_to(tmp_path)                  # one folder by two names is one data_dir
     assert data.same_data_dir(str(tmp_path / "alias"), str(tmp_path)) and not data.same_data_dir(str(tmp_path), "")
