@@ -17,10 +17,10 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   rounds of the ratio within a round: a shared host's speed drifts between minutes by tens of percent.
   The variants' processes live together: a run holds the sum of their peak memory.
 - the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
-  (sparse step minus the same step without AbsTopK; and its forward timed alone, eager, on the
-  sites' shapes, against the plain way, topk on |x| and a scatter; where the preset compiles, its
-  step selects by radix, and this share is what eager calls pay, not the step), and our projection
-  against a naive reference that sorts every matrix fully.
+  (sparse step minus the same step without AbsTopK), and our projection against a naive reference
+  that sorts every matrix fully. AbsTopK's forward is also timed alone on the sites' shapes as eager
+  calls run it (topk on a GPU, numpy's partition on a CPU), against topk on |x| and a scatter; where
+  the preset compiles, its step selects by radix instead, so that share is not the step's.
 - MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
   matmul rate measured here in the dtype the shape trains in (fp32 on a CPU). The sparse model runs
   the same dense matmuls, so its FLOPs are counted as dense.

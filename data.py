@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import sysconfig
 import time
 import zlib
@@ -79,9 +80,14 @@ def list_py_files(data_dir):
     for root, dirs, names in os.walk(data_dir):
         dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
         for path in (os.path.join(root, n) for n in sorted(names) if n.endswith(".py")):
-            # not a dangling link; a file under two names (a link to it) once, or it could be in both splits
-            if os.path.isfile(path) and os.path.realpath(path) not in seen:
-                seen.add(os.path.realpath(path))
+            try:
+                st = os.stat(path)     # through a link: its file
+            except OSError:
+                continue               # a dangling link
+            # a file under two names (a symbolic or hard link) once, by the first name in walk order: read
+            # twice, it could land in both splits
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
                 files.append(path)
     if not files:
         raise UserError(f"data_dir={data_dir} holds no .py files")

@@ -610,10 +610,13 @@ def test_a_dangling_link_is_skipped_a_linked_file_read_once_and_a_lost_data_fold
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").symlink_to(tmp_path / "gone.py")
     assert data.list_py_files(str(tmp_path)) == [str(tmp_path / "a.py")]
-    (tmp_path / "c.py").symlink_to(tmp_path / "a.py")         # one file by two names is read once
-    (tmp_path / "sub").mkdir()
+    (tmp_path / "c.py").symlink_to(tmp_path / "a.py")         # one file by two names is read once,
+    (tmp_path / "sub").mkdir()                                 # by its first name in walk order
     (tmp_path / "sub" / "d.py").symlink_to(tmp_path / "a.py")
-    assert data.list_py_files(str(tmp_path)) == [str(tmp_path / "a.py")]
+    os.link(tmp_path / "a.py", tmp_path / "sub" / "e.py")
+    (tmp_path / "sub" / "x.py").write_text("y = 2\n")
+    (tmp_path / "0.py").symlink_to(tmp_path / "sub" / "x.py")
+    assert data.list_py_files(str(tmp_path)) == [str(tmp_path / "0.py"), str(tmp_path / "a.py")]
     (tmp_path / "alias").symlink_to(tmp_path)                  # one folder by two names is one data_dir
     assert data.same_data_dir(str(tmp_path / "alias"), str(tmp_path)) and not data.same_data_dir(str(tmp_path), "")
     lost = {"data": str(tmp_path / "cache"), "train_config": {"data_dir": str(tmp_path / "moved")}}
