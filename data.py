@@ -85,9 +85,10 @@ def list_py_files(data_dir):
             except OSError:
                 continue               # a dangling link
             # a file under two names (a symbolic or hard link) once, by the first name in walk order: read
-            # twice, it could land in both splits
-            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
+            # twice, it could land in both splits (st_ino 0: the file system gives no identity)
+            identity = (st.st_dev, st.st_ino) if st.st_ino else path
+            if stat.S_ISREG(st.st_mode) and identity not in seen:
+                seen.add(identity)
                 files.append(path)
     if not files:
         raise UserError(f"data_dir={data_dir} holds no .py files")
