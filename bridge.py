@@ -261,7 +261,8 @@ def config_from_args(argv):
     and the models and bridges may not change shape (train.py's rule)."""
     cfg = parse_args(BridgeConfig, argv)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ignored = [a.split("=", 1)[0] for a in argv if not used_by_steering(a[2:].split("=", 1)[0])] if cfg.steer else []
+    flags = [a.split("=", 1)[0] for a in argv]       # parse_args has checked that each is --key=value
+    ignored = [flag for flag in flags if not used_by_steering(flag[2:])] if cfg.steer else []
     if ignored:
         raise UserError(f"{', '.join(ignored)}: not used with --steer=True, which takes the models and bridges "
                         f"from {ckpt_path} (allowed with it: --steer_*, --out_dir, --device, --seed)")
