@@ -25,7 +25,7 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   matmul rate measured here in the dtype the shape trains in (fp32 on a CPU). The sparse model runs
   the same dense matmuls, so its FLOPs are counted as dense.
 - forward time with no hook against recording one site; the time to prune one task (if given a
-  checkpoint that solves it).
+  checkpoint that solves it; timed first, so a model that does not solve it ends the run at once).
 - where the preset compiles (the GPU preset on a GPU; --cpu_compile=True): dense and sparse eager
   too, for what torch.compile buys, and sparse with AbsTopK the other way (the GPU preset selects by
   radix, abstopk_by=radix, which compile fuses; the variant sparse_topk by topk).
@@ -44,8 +44,7 @@ from statistics import median
 import torch
 
 from config import UserError, check_out_dir, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
-from sparse_gpt import GPT, abstopk, load_checkpoint, target_nonzeros
-from tasks import get_task
+from sparse_gpt import GPT, abstopk, target_nonzeros
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_optimizer, optimizer_step
 
 
@@ -347,11 +346,11 @@ def main(argv):
     print("settings: " + json.dumps(dataclasses.asdict(bc)))
     device = resolve_device(bc.device)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
-    if bc.prune_ckpt:                 # a typo found now, not after the whole benchmark
-        load_checkpoint(bc.prune_ckpt)
-        get_task(bc.prune_task)
     print(f"device {name}")
     result = {"device": name, "settings": dataclasses.asdict(bc), "shapes": {}}
+    if bc.prune_ckpt:                 # first: a typo or a task the model does not solve ends the run at once
+        result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
+        print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
     peaks = {}                        # dtype -> matmul FLOP/s, measured once per dtype a shape trains in
     for shape in bc.shapes.split(","):
         result["shapes"][shape] = r = bench_shape(shape, bc, device, peaks)
@@ -365,19 +364,14 @@ def main(argv):
               f"{r['runs']['sparse']['mfu']:.1%} dense {r['runs']['dense']['mfu']:.1%} | forward "
               f"{r['forward_ms']:.1f} ms, recording a site {r['forward_recording_ms']:.1f} ms"
               + "".join(f" | compiled {v} {x:.2f}x eager" for v, x in r["compile_speedup"].items())
-              + (f" | sparse {r['allocator_speedup']:.2f}x faster keeping freed memory" if r["allocator_speedup"] else "")
+              + (f" | sparse step with glibc's default allocator: {r['allocator_speedup']:.2f}x as long"
+                 if r["allocator_speedup"] else "")
               + (f" | sparse step with AbsTopK by radix select: {r['radix_over_topk_step']:.2f}x the topk one"
                  if r["radix_over_topk_step"] else ""))
     os.makedirs(bc.out_dir, exist_ok=True)
     path = os.path.join(bc.out_dir, f"{device.replace(':', '')}.json")
-    save = lambda: write_atomic(path, json.dumps(result, indent=1))
-    save()                            # now: kept should pruning fail (e.g. an unsolved task)
+    write_atomic(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
-    if bc.prune_ckpt:
-        result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
-        print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
-        save()
-        print(f"added prune_seconds to {path}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the dense model through them.
     python bridge.py --out_dir=out/bridge --resume=True            # continue an interrupted run exactly
     python bridge.py --dense=out/cpu_dense/ckpt.pt --init_sparse=out/cpu/ckpt.pt --anneal_start=0 --anneal_end=0
     python bridge.py --steer=True --steer_site=1.resid_pre         # edit one sparse channel, steer the dense model
-    python bridge.py --help                                        # every setting (train.py's too)
+    python bridge.py --help                                        # every setting it takes (train.py's too)
 
 Of train.py's settings, bridge.py refuses the ones it has no use for (TRAIN_ONLY_KEYS: no presets,
 no compile, so AbsTopK by topk, one micro-batch a step, no samples or task evaluation while training).
@@ -71,6 +71,8 @@ class BridgeConfig(TrainConfig):
     steer_task: str = "single_double_quote"
     steer_prompts: int = 256         # test prompts, half of each class
     steer_controls: int = 8          # random channels whose edits, scaled to the same size, are the control
+    steer_dense: str = ""            # the dense model, if moved since the bridges were trained ("" = where it was)
+    refused_settings = TRAIN_ONLY_KEYS   # not a setting: --help leaves these out
 
     def __post_init__(self):
         unused = [k for k in TRAIN_ONLY_KEYS if getattr(self, k) != getattr(BridgeConfig, k)]
@@ -78,6 +80,7 @@ class BridgeConfig(TrainConfig):
             raise UserError(f"--{unused[0]}={as_arg(getattr(self, unused[0]))} is a train.py setting that "
                             f"bridge.py does not use ({', '.join(TRAIN_ONLY_KEYS)} stay at their defaults)")
         super().__post_init__()
+        self.dense = data.user_dir(self.dense)   # saved absolute: steering and resuming from elsewhere find it
         if not 0.0 < self.bridge_afrac <= 1.0:
             raise UserError(f"--bridge_afrac={self.bridge_afrac} is outside (0, 1]")
         if self.bridge_afrac < 1 and int(self.bridge_afrac * self.d_model) == 0:   # k = 0 would mean "off"
@@ -207,7 +210,9 @@ def print_eval(ev, log=print):
 # -----------------------------------------------------------------------------
 # loading, with the checks that the two models can be bridged
 
-def load_dense(path, device):
+def load_dense(path, device, flag="--dense"):
+    if not os.path.exists(path):   # the path as typed, or as the bridges saved it (the file may have moved)
+        raise UserError(f"the dense model {path} does not exist; {flag}=... names where it is")
     ckpt = load_checkpoint(path, device)
     tc = ckpt.get("train_config", {})
     if not is_dense(tc):
@@ -270,6 +275,7 @@ def config_from_args(argv):
         saved = load_bridge_checkpoint(ckpt_path)
         for key in TRAIN_ONLY_KEYS:   # runs from before bridge.py refused them saved train.py's defaults
             saved["train_config"].pop(key, None)
+        saved["train_config"]["dense"] = data.user_dir(saved["train_config"]["dense"])   # older runs saved it as typed
         cfg = resumed_config(BridgeConfig, argv, saved, BRIDGE_KEYS, ckpt_path)
     return cfg
 
@@ -369,8 +375,9 @@ def load_bridged(cfg):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = load_bridge_checkpoint(path, cfg.device)
     sparse = model_in(ckpt, path)
-    dense, dense_ckpt = load_dense(ckpt["dense"], cfg.device)
-    check_same_dense(ckpt, dense_ckpt, ckpt["dense"])
+    dense_path = cfg.steer_dense or ckpt["dense"]   # the bridge checkpoint holds the dense model's path, not the model
+    dense, dense_ckpt = load_dense(dense_path, cfg.device, "--steer_dense")
+    check_same_dense(ckpt, dense_ckpt, dense_path)
     bridges = Bridges(ckpt["bridge_sites"], dense.config.d_model, sparse.config.d_model, ckpt["bridge_afrac"])
     bridges.load_state_dict(ckpt["bridges"])
     return sparse.to(cfg.device).eval(), dense, bridges.to(cfg.device), data.data_folder(ckpt)
@@ -457,12 +464,19 @@ def steer(cfg):
                 ctrl.append(probs(dense(idx)[0], p))
         rows["control"].append(tuple(sum(v) / len(v) for v in zip(*ctrl)))
     mean = {k: tuple(sum(v) / len(v) for v in zip(*r)) for k, r in rows.items()}
-    a, b = runs[0], source[0]
-    print(f"steer {cfg.steer_task}: {len(runs)} test prompts answered {enc.decode([a.correct])!r}; sparse channel "
-          f"{site}[{channel}] set to its mean over {len(source)} prompts answered {enc.decode([b.correct])!r}; "
-          f"control: {len(controls)} random channels, edits scaled to the same size")
+    def answers(ps, which="correct"):
+        """The distinct answer tokens of prompts ps, in order: one, or in tasks like var_swap one a name."""
+        return list(dict.fromkeys(repr(enc.decode([getattr(p, which)])) for p in ps))
+
+    def said(ps):
+        a = answers(ps)
+        return f"answered {a[0]}" if len(a) == 1 else f"answered {len(a)} ways (e.g. {a[0]})"
+    print(f"steer {cfg.steer_task}: {len(runs)} test prompts {said(runs)}; sparse channel {site}[{channel}] set to its "
+          f"mean over {len(source)} prompts {said(source)}; control: {len(controls)} random channels, edits scaled "
+          "to the same size")
     print(f"the edit in the sparse model itself: logit difference (correct - other) {sparse_shift(channel, len(runs)):+.3f}")
-    print(f"{'dense model':<22} {'P(' + repr(enc.decode([a.correct])) + ')':>10} {'P(' + repr(enc.decode([a.alt])) + ')':>10}")
+    heads = [f"P({a[0] if len(a) == 1 else name})" for a, name in ((answers(runs), "correct"), (answers(runs, "alt"), "other"))]
+    print(f"{'dense model':<22} {heads[0]:>10} {heads[1]:>10}")
     for k in ("before", "edit", "control"):
         print(f"{k:<22} {mean[k][0]:10.4f} {mean[k][1]:10.4f}")
     print(f"edit: P(correct) {mean['edit'][0] - mean['before'][0]:+.4f}, P(other) {mean['edit'][1] - mean['before'][1]:+.4f}"

@@ -62,7 +62,8 @@ def parse_values(cls, argv, base=None):
         shown = {**dataclasses.asdict(cls()), **given}
         print(f"{cls.__name__} settings (override with --key=value):")
         for name in fields:
-            print(f"  --{name}={as_arg(shown[name])}")
+            if name not in getattr(cls, "refused_settings", ()):   # inherited, but refused (bridge.py)
+                print(f"  --{name}={as_arg(shown[name])}")
         raise SystemExit(0)
     values = dict(given)
     for arg in argv:
@@ -186,3 +187,6 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:   # `| head` stopped reading: end quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's own flush at exit would fail again
+        sys.exit(1)

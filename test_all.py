@@ -292,6 +292,10 @@ def test_projection_exact_counts_min_per_channel_and_dense_parts_untouched():
         if p.dim() == 2:
             assert int((p != 0).sum(1).min()) >= 4, name
     assert (model.blocks[0].mlp.c_fc.weight[3] != 0).sum() == 4
+    numel = sum(p.numel() for _, p in model.sparse_params())
+    exact, params, fewest, reached = train.sparsity_report(model, 0.05)          # what train.py reports at the end
+    assert (exact, fewest) == (params, 4) and reached == model.project_weights(0.05) / numel
+    assert reached > 0.06        # above the 0.05 asked: rows of 32 keep at least 4 (1/8), and it says so
     assert torch.equal(model.bigram, bigram) and torch.equal(model.blocks[0].norm1.weight, norm)
     assert "bigram" not in [n for n, _ in model.sparse_params()]
 
@@ -406,6 +410,8 @@ def test_config_parsing_and_bad_values(capsys):
             parse_args(cls, ["--help"])
         shown = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
         assert parse_args(cls, shown) == cls(), cls                 # every value --help shows is taken back as is
+        if cls is bridge.BridgeConfig:                               # and none that it would refuse
+            assert not {a[2:].split("=")[0] for a in shown} & set(bridge.TRAIN_ONLY_KEYS)
     for bad, words in [("--d_modle=64", "did you mean --d_model"), ("--d_model=big", "not a valid int"),
                        ("--l0_frac=0", "l0_frac=0.0 is outside"), ("--l0_frac=1.5", "l0_frac=1.5 is outside"),
                        ("--afrac=0", "afrac=0.0 is outside"), ("--sparse_sites=attn_x", "unknown sparse_sites"),
@@ -416,6 +422,7 @@ def test_config_parsing_and_bad_values(capsys):
                        ("--beta2=1", r"beta2=1.0 is outside \[0, 1\)"), ("--eps=0", "eps=0.0 must be positive"),
                        ("--weight_decay=inf", "weight_decay=inf must be finite and not negative"),
                        ("--warmup_frac=nan", "warmup_frac=nan is outside"), ("--min_per_channel=-1", "must not be negative"),
+                       ("--min_per_channel=129", r"min_per_channel=129 exceeds d_model=128.*allowed: 0 to 128"),
                        (f"--seed={2**63}", r"seed=9223372036854775808 is outside \[-2\*\*63, 2\*\*63\)")]:
         with pytest.raises(UserError, match=words):
             train.config_from_args([bad, "--out_dir=out/never"])
@@ -477,6 +484,14 @@ def test_scripts_write_progress_at_once_into_a_pipe_or_file():
     finally:
         child.kill()
         child.wait()
+
+
+def test_scripts_end_quietly_when_the_reader_of_their_output_stops():
+    """`python tasks.py | head -1`: the pipe closes while the script writes; no traceback (as cat or grep)."""
+    script = "import config; config.run_main(lambda argv: [print('line') for _ in range(3)])"
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()                              # the reader is gone before the first line
+    assert child.stderr.read() == b"" and child.wait() == 1
 
 
 def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path):
@@ -712,13 +727,14 @@ def test_bpe_counts_only_the_pairs_a_merge_leaves():
 # whole runs
 
 
-def test_training_reaches_exact_sparsity_and_checkpoint_loads(tmp_path, corpus):
-    cfg = tiny_train_config(tmp_path / "run", max_iters=4, anneal_end=1.0)   # the target L0 after the last step
+def test_training_reaches_exact_sparsity_and_checkpoint_loads(tmp_path, corpus, capsys):
+    cfg = tiny_train_config(tmp_path / "run", max_iters=4, anneal_end=1.0, l0_frac=0.1)   # the target L0 after the last step
     history = train.train(cfg)
     assert len(history) == 4 and all(math.isfinite(loss) for _, loss in history)
     model = GPT.from_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
-    exact, params, fewest = train.sparsity_report(model, 0.25)
-    assert exact == params and fewest >= 4
+    exact, params, fewest, reached = train.sparsity_report(model, 0.1)
+    assert exact == params and fewest >= 4 and reached > 0.11   # 32-wide rows keep 4 at least: 1/8
+    assert f"(L0 {reached:.4f}, not the 0.1000 asked: rows keep min_per_channel)" in capsys.readouterr().out
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=1.0, top_k=10)
     assert out.shape == (1, 8)
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)   # another version's checkpoints:
@@ -1838,7 +1854,7 @@ def test_bridge_training_keeps_the_dense_model_frozen_and_writes_a_normal_checkp
     assert set(ev["sites"]) == {"0.resid_pre", "0.resid_mid", "final_resid"}
     assert all(math.isfinite(v) for s in ev["sites"].values() for v in s.values())
     model = GPT.from_checkpoint(str(tmp_path / "b" / "ckpt.pt"))                # a normal checkpoint
-    exact, params, _ = train.sparsity_report(model, 0.25)
+    exact, params, _, _ = train.sparsity_report(model, 0.25)
     assert exact == params
     out = capsys.readouterr().out
     assert "kl_ds" in out and "nmse_enc" in out and "val loss: sparse" in out
@@ -1948,6 +1964,35 @@ def test_steering_follows_its_recipe_by_hand(tmp_path, tiny_dense):
              for p in runs]
     assert result["edit"] == pytest.approx(tuple(map(np.mean, zip(*edits))), rel=1e-5)
     assert result["edit"] != pytest.approx(result["before"], rel=1e-4)     # the edit moves the dense model
+
+
+def test_steering_finds_the_dense_model_from_any_folder_or_where_it_moved_and_names_varying_answers(
+        tmp_path, tiny_dense, monkeypatch, capsys):
+    os.makedirs(tmp_path / "d")
+    shutil.copy(tiny_dense, tmp_path / "d" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    bridge.train_bridges(bridge.config_from_args(                    # --dense as typed, relative to this folder
+        ["--dense=d/ckpt.pt", "--out_dir=b", "--max_iters=1", "--eval_iters=1", "--batch_size=2", "--n_layer=1",
+         "--d_model=32", "--device=cpu"]))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["dense"] == str(tmp_path / "d" / "ckpt.pt")
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    steer = [f"--out_dir={tmp_path / 'b'}", "--steer=True", "--steer_prompts=8", "--steer_site=0.resid_mid",
+             "--steer_controls=1", "--steer_channel=0", "--device=cpu"]
+    capsys.readouterr()
+    bridge.main(steer)                                               # found from another folder
+    assert "P(\'\")\')" in capsys.readouterr().out                     # one answer for all prompts: named
+    os.rename(tmp_path / "d" / "ckpt.pt", tmp_path / "moved.pt")
+    with pytest.raises(UserError, match=r"dense model .*d/ckpt.pt does not exist; --steer_dense=\.\.\. names where it is"):
+        bridge.main(steer)
+    bridge.main(steer + [f"--steer_dense={tmp_path / 'moved.pt'}", "--steer_task=else_elif"])
+    out = capsys.readouterr().out
+    assert re.search(r"4 test prompts answered \d ways \(e\.g\. ' \w+'\); .* over 4 prompts answered ':'", out)
+    assert re.search(r"dense model +P\(correct\) +P\(':'\)\n", out)       # else_elif's other answer is always `:`
+    other = torch.load(tmp_path / "moved.pt", weights_only=False)
+    torch.save({**other, "step": 99}, tmp_path / "other.pt")          # a dense model, but not that one
+    with pytest.raises(UserError, match="other.pt is not the dense model these bridges were trained with"):
+        bridge.main(steer + [f"--steer_dense={tmp_path / 'other.pt'}"])
 
 
 def test_steer_leaves_out_prompts_longer_than_the_context_and_refuses_when_a_class_has_none(tmp_path, tiny_dense,

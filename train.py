@@ -122,6 +122,9 @@ class TrainConfig:
             self.model_config()      # the model's own checks (sizes positive, d_head divides d_model, site names)
         except ValueError as e:
             raise UserError(str(e))
+        if self.min_per_channel > self.d_model:   # a d_model-wide row would keep every weight: a dense model
+            raise UserError(f"--min_per_channel={self.min_per_channel} exceeds d_model={self.d_model}, the width of "
+                            f"most weight rows; allowed: 0 to {self.d_model}")
 
     def model_config(self):
         fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
@@ -254,16 +257,18 @@ def estimate_loss(model, splits, cfg, autocast):
 
 
 def sparsity_report(model, frac):
-    """(parameters at exactly their target nonzeros, parameters, fewest nonzeros in any row)."""
-    exact, params, fewest = 0, 0, None
+    """(parameters at exactly their target nonzeros, parameters, fewest nonzeros in any row, the L0
+    reached: nonzeros over sparsifiable weights, above frac where rows keep min_per_channel)."""
+    exact, params, fewest, nonzeros, numel = 0, 0, None, 0, 0
     for _, p in model.sparse_params():
         target = target_nonzeros(p.shape, frac, model.config.min_per_channel)
-        exact += int(torch.count_nonzero(p)) == target
-        params += 1
+        kept = int(torch.count_nonzero(p))
+        exact += kept == target
+        params, nonzeros, numel = params + 1, nonzeros + kept, numel + p.numel()
         if p.dim() == 2:
             row_min = int((p != 0).sum(1).min())
             fewest = row_min if fewest is None else min(fewest, row_min)
-    return exact, params, fewest
+    return exact, params, fewest, nonzeros / numel
 
 
 def is_dense(train_config):
@@ -412,8 +417,9 @@ def train(cfg):
     if master:
         write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(settings, indent=1))
     n_sparse = sum(p.numel() for _, p in model.sparse_params())
+    abstopk = f"{cfg.afrac:g}" if model.config.abstopk_widths() else "off"   # off: afrac 1, or no sparse_sites
     log(f"model: {model.num_params():,} parameters, {n_sparse:,} sparsifiable; target L0 {cfg.l0_frac:g}, "
-        f"AbsTopK {cfg.afrac:g}; {world} process(es) on {cfg.device}")
+        f"AbsTopK {abstopk}; {world} process(es) on {cfg.device}")
     if cfg.dtype != "float32" and not cfg.device.startswith("cuda"):
         log(f"note: --dtype={cfg.dtype} is autocast on CUDA only; on {cfg.device} this run computes in float32")
 
@@ -473,9 +479,11 @@ def train(cfg):
         same = all(torch.equal(g, gathered[0]) for g in gathered)
         log(f"ddp: weights {'identical' if same else 'DIFFER'} on all {world} ranks")
     if master:
-        exact, params, fewest = sparsity_report(raw, l0_at(stop, cfg))
-        log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros "
-            f"(L0 {l0_at(stop, cfg):.4f}); fewest nonzeros in a row: {fewest} (min {cfg.min_per_channel})")
+        frac = l0_at(stop, cfg)
+        exact, params, fewest, reached = sparsity_report(raw, frac)
+        more = "" if f"{reached:.4f}" == f"{frac:.4f}" else f", not the {frac:.4f} asked: rows keep min_per_channel"
+        log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros (L0 {reached:.4f}"
+            f"{more}); fewest nonzeros in a row: {fewest} (min {cfg.min_per_channel})")
         log(f"done: {len(history)} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     if ddp:
         dist.destroy_process_group()
