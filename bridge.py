@@ -464,6 +464,7 @@ def steer(cfg):
                 ctrl.append(probs(dense(idx)[0], p))
         rows["control"].append(tuple(sum(v) / len(v) for v in zip(*ctrl)))
     mean = {k: tuple(sum(v) / len(v) for v in zip(*r)) for k, r in rows.items()}
+
     def answers(ps, which="correct"):
         """The distinct answer tokens of prompts ps, in order: one, or in tasks like var_swap one a name."""
         return list(dict.fromkeys(repr(enc.decode([getattr(p, which)])) for p in ps))
@@ -475,7 +476,8 @@ def steer(cfg):
           f"mean over {len(source)} prompts {said(source)}; control: {len(controls)} random channels, edits scaled "
           "to the same size")
     print(f"the edit in the sparse model itself: logit difference (correct - other) {sparse_shift(channel, len(runs)):+.3f}")
-    heads = [f"P({a[0] if len(a) == 1 else name})" for a, name in ((answers(runs), "correct"), (answers(runs, "alt"), "other"))]
+    heads = [f"P({a[0] if len(a) == 1 else name})"            # the token where all runs share it
+             for a, name in ((answers(runs), "correct"), (answers(runs, "alt"), "other"))]
     print(f"{'dense model':<22} {heads[0]:>10} {heads[1]:>10}")
     for k in ("before", "edit", "control"):
         print(f"{k:<22} {mean[k][0]:10.4f} {mean[k][1]:10.4f}")
