@@ -372,7 +372,9 @@ def find_circuit(model, taus, batches, means, cfg):
     """Keep the top-k units by tau, k bisected on the fixed batches; also the loss at 0 and at 17
     log-spaced k for the curve. The bisection asks mean loss + bisect_se standard errors (over the
     prompts) <= target, so that the circuit meets the target on new prompts too, not only on
-    average. -> (keep masks or None, k, {k: (nodes, mean loss)})"""
+    average. The loss need not fall with k (masks trained briefly): where a k of the curve below the
+    bisection's meets the target, it bisects again below that one, so k is the smallest k evaluated
+    that meets the target. -> (keep masks or None, k, {k: (nodes, mean loss)})"""
     curve, bound = {}, {}
 
     def bound_at(k):
@@ -385,8 +387,10 @@ def find_circuit(model, taus, batches, means, cfg):
         return bound[k]
     n = sum(t.numel() for t in unique(taus))
     k = bisect_k(bound_at, n, cfg.target_loss, hi=sum(int((t > 0).sum()) for t in unique(taus)))
-    for kk in [0] + [round(n ** (i / 16)) for i in range(17)]:
-        bound_at(kk)
+    below = [kk for kk in [0] + [round(n ** (i / 16)) for i in range(17)]
+             if bound_at(kk) <= cfg.target_loss and (k is None or kk < k)]
+    if below:
+        k = bisect_k(bound_at, n, cfg.target_loss, hi=min(below))
     return (top_k_masks(taus, k) if k is not None else None), k, curve
 
 # -----------------------------------------------------------------------------
