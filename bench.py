@@ -285,7 +285,10 @@ def prune_time(ckpt, task, device, out_dir):
     import prune   # prune imports tasks and data: only needed here
     t0 = time.perf_counter()
     prune.main([f"--ckpt={ckpt}", f"--task={task}", f"--device={device}", f"--out_dir={os.path.join(out_dir, 'circuits')}"])
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()   # run first: hand its memory back before the training steps are timed
+    return seconds
 
 # -----------------------------------------------------------------------------
 

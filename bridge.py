@@ -216,7 +216,7 @@ def load_dense(path, device, flag="--dense"):
     ckpt = load_checkpoint(path, device)
     tc = ckpt.get("train_config", {})
     if not is_dense(tc):
-        raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
+        raise UserError(f"{flag}={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
                         "bridges need a dense one (trained with --l0_frac=1 --afrac=1)")
     return model_in(ckpt, path).to(device).eval().requires_grad_(False), ckpt
 
@@ -229,6 +229,9 @@ def dense_identity(dense_ckpt):
 
 def check_same_dense(bridge_ckpt, dense_ckpt, path):
     then, now = bridge_ckpt.get("dense_identity"), dense_identity(dense_ckpt)
+    if then is None and os.path.realpath(path) != os.path.realpath(bridge_ckpt["dense"]):   # bridges saved before
+        raise UserError(f"{path}: these bridges were trained with {bridge_ckpt['dense']} and saved nothing that "
+                        "tells whether this is the same model")
     if then is not None and then != now:
         raise UserError(f"{path} is not the dense model these bridges were trained with (step {then[0]}, val loss "
                         f"{then[1]}; it is now step {now[0]}, val loss {now[1]}): retrained at that path? Train new "
@@ -253,7 +256,7 @@ def check_bridgeable(dense_cfg, sparse_cfg):
                         f"{dense_cfg.block_size}")
 
 
-BRIDGE_KEYS = MODEL_KEYS + ["dense", "bridge_afrac"]   # what --resume may not change: the shapes of what it loads
+BRIDGE_KEYS = MODEL_KEYS + ["bridge_afrac"]   # what --resume may not change (--dense may: check_same_dense)
 
 
 def used_by_steering(key):
@@ -275,7 +278,6 @@ def config_from_args(argv):
         saved = load_bridge_checkpoint(ckpt_path)
         for key in TRAIN_ONLY_KEYS:   # runs from before bridge.py refused them saved train.py's defaults
             saved["train_config"].pop(key, None)
-        saved["train_config"]["dense"] = data.user_dir(saved["train_config"]["dense"])   # older runs saved it as typed
         cfg = resumed_config(BridgeConfig, argv, saved, BRIDGE_KEYS, ckpt_path)
     return cfg
 

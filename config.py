@@ -57,13 +57,14 @@ def parse_args(cls, argv, base=None):
 def parse_values(cls, argv, base=None):
     """parse_args's settings as a dict, each parsed by its type but not yet checked together."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    # what --help shows and "did you mean" offers: not the settings a subclass refuses (bridge.py's)
+    offered = [name for name in fields if name not in getattr(cls, "refused_settings", ())]
     given = dict(base) if isinstance(base, dict) else dataclasses.asdict(base) if base is not None else {}
     if "--help" in argv or "-h" in argv:
         shown = {**dataclasses.asdict(cls()), **given}
         print(f"{cls.__name__} settings (override with --key=value):")
-        for name in fields:
-            if name not in getattr(cls, "refused_settings", ()):   # inherited, but refused (bridge.py)
-                print(f"  --{name}={as_arg(shown[name])}")
+        for name in offered:
+            print(f"  --{name}={as_arg(shown[name])}")
         raise SystemExit(0)
     values = dict(given)
     for arg in argv:
@@ -71,7 +72,7 @@ def parse_values(cls, argv, base=None):
             raise UserError(f"argument {arg!r} is not of the form --key=value")
         key, text = arg[2:].split("=", 1)
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            close = difflib.get_close_matches(key, offered, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise UserError(f"unknown setting --{key}{hint}; see --help")
         default = given[key] if key in given else default_of(fields[key])
@@ -180,7 +181,8 @@ def set_up_process():
 
 
 def run_main(main):
-    """Run main(argv) in a set-up process; a UserError becomes 'error: ...' on stderr and exit code 2."""
+    """Run main(argv) in a set-up process; a UserError becomes 'error: ...' on stderr and exit code 2,
+    and output piped into a reader that stops (`| head`) ends the run quietly, exit code 1."""
     set_up_process()
     try:
         main(sys.argv[1:])

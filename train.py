@@ -122,7 +122,7 @@ class TrainConfig:
             self.model_config()      # the model's own checks (sizes positive, d_head divides d_model, site names)
         except ValueError as e:
             raise UserError(str(e))
-        if self.min_per_channel > self.d_model:   # a d_model-wide row would keep every weight: a dense model
+        if self.l0_frac < 1 and self.min_per_channel > self.d_model:   # every d_model-wide row kept whole
             raise UserError(f"--min_per_channel={self.min_per_channel} exceeds d_model={self.d_model}, the width of "
                             f"most weight rows; allowed: 0 to {self.d_model}")
 
@@ -481,7 +481,7 @@ def train(cfg):
     if master:
         frac = l0_at(stop, cfg)
         exact, params, fewest, reached = sparsity_report(raw, frac)
-        more = "" if f"{reached:.4f}" == f"{frac:.4f}" else f", not the {frac:.4f} asked: rows keep min_per_channel"
+        more = "" if f"{reached:.4f}" == f"{frac:.4f}" else f", {frac:.4f} asked"   # e.g. min_per_channel keeps more
         log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros (L0 {reached:.4f}"
             f"{more}); fewest nonzeros in a row: {fewest} (min {cfg.min_per_channel})")
         log(f"done: {len(history)} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
