@@ -72,7 +72,7 @@ class BridgeConfig(TrainConfig):
     steer_prompts: int = 256         # test prompts, half of each class
     steer_controls: int = 8          # random channels whose edits, scaled to the same size, are the control
     steer_dense: str = ""            # the dense model, if moved since the bridges were trained ("" = where it was)
-    refused_settings = TRAIN_ONLY_KEYS   # not a setting: --help leaves these out
+    refused_settings = TRAIN_ONLY_KEYS   # not a setting: --help and "did you mean" leave these out
 
     def __post_init__(self):
         unused = [k for k in TRAIN_ONLY_KEYS if getattr(self, k) != getattr(BridgeConfig, k)]
