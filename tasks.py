@@ -211,7 +211,10 @@ def else_elif(rng, label):
     for i in range(rng.randint(1, 3)):
         test = rng.choice((f"{var} == {quoted(rng)}", f"{var} is None", f"{var} < {rng.randint(0, 9)}",
                            f"{var} in ({quoted(rng)}, {quoted(rng)})"))
-        text += f"{' ' * ind}{'elif' if i else 'if'} {test}:\n" + filler(rng, ind + 4, rng.randint(1, 2))
+        body = filler(rng, ind + 4, rng.randint(1, 2))
+        if all(line.lstrip().startswith("#") for line in body.splitlines()):   # comments alone are no block
+            body += " " * (ind + 4) + "pass\n"                               # (no draw: other prompts stay as they were)
+        text += f"{' ' * ind}{'elif' if i else 'if'} {test}:\n" + body
     return f"{text}{' ' * ind}{('elif', 'else')[label]}", *pick(label, " " + var, ":")
 
 

@@ -4,6 +4,7 @@ The tests: the math of each piece, and the promises a user relies on.
     python -m pytest -q test_all.py
 """
 
+import ast
 import dataclasses
 import json
 import math
@@ -16,6 +17,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -924,6 +926,16 @@ def test_a_task_whose_answer_is_not_one_token_fails_at_construction(corpus, monk
     monkeypatch.setitem(tasks.TASKS, "long", lambda rng, label: ("x = [" + "1, " * 200, "]", "]]"))
     with pytest.raises(ValueError, match="at most 255"):
         tasks.make_prompts("long", enc, 2)
+
+
+def test_else_elif_prompts_are_python_whatever_its_branches_draw(corpus):
+    """A branch whose filler drew only comments is no block (a SyntaxError): it gets a `pass`."""
+    _, enc = corpus
+    for p in make_prompts("else_elif", enc, 256, 0, "test"):
+        text = enc.decode(p.ids + [p.correct])
+        ind = len(text.rsplit("\n", 1)[1]) - len(text.rsplit("\n", 1)[1].lstrip())
+        code = text + (" is None:" if p.label == 0 else "") + "\n" + " " * (ind + 4) + "pass\n"   # elif x / else:
+        ast.parse(textwrap.dedent(code))                  # (a method without its class line is indented)
 
 
 def test_task_loss_is_the_two_way_cross_entropy_averaged_over_prompts():
