@@ -115,8 +115,9 @@ def check_models(sparse_paths, dense_paths):
     """Each model in its role, read from its saved settings before any model is evaluated: --sparse
     weight-sparse, --dense dense (train.is_dense), and one data_dir and tokenizer (the id a checkpoint
     records) for all: one validation set, and one block_size, so that their val losses (which match
-    the models) are over contexts of one length. A setting a checkpoint does not record is not judged."""
-    data_dirs, tokenizers, contexts = {}, {}, {}
+    the models) are over contexts of one length. A setting a checkpoint does not record is not judged.
+    Val losses over other val batches (eval_iters, batch_size, seed) still compare, more noisily: a note."""
+    data_dirs, tokenizers, contexts, val_batches = {}, {}, {}, {}
     for kind, path in [("sparse", p) for p in sparse_paths] + [("dense", p) for p in dense_paths]:
         ckpt = load_checkpoint(path)
         tc = ckpt.get("train_config", {})
@@ -127,6 +128,7 @@ def check_models(sparse_paths, dense_paths):
             raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
                             "give a dense one (trained with --l0_frac=1 --afrac=1)")
         data_dirs[path], contexts[path] = tc.get("data_dir", ""), ckpt["model_config"].get("block_size")
+        val_batches[path] = tuple(tc.get(key) for key in ("eval_iters", "batch_size", "seed"))   # estimate_loss's
         if ckpt.get("tokenizer"):
             tokenizers[path] = ckpt["tokenizer"]
     first = next(iter(data_dirs))
@@ -145,6 +147,9 @@ def check_models(sparse_paths, dense_paths):
         a, b = list(one_per_tokenizer.values())[:2]
         raise UserError(f"{a} and {b} were trained with different tokenizers (their data_dir's files changed "
                         "between the runs): the models must share one tokenizer and validation set")
+    if len(set(val_batches.values())) > 1:
+        print("note: the models' val losses, which match them, are over different val batches (eval_iters, "
+              "batch_size, seed: " + "; ".join(f"{p} {v}" for p, v in val_batches.items()) + ")")
 
 
 def load(path, device):

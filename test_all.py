@@ -2187,7 +2187,7 @@ def test_headline_refuses_a_target_it_cannot_meet_and_a_bad_out_dir_up_front(tmp
     assert "--out_dir is empty" in line and os.listdir(tmp_path) == []   # no circuits/ left here
 
 
-def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_path, monkeypatch):
+def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_path, monkeypatch, capsys):
     model = GPT(tiny_config())
     sparse = save_tiny(tmp_path / "sparse" / "ckpt.pt", model, l0_frac=0.25, afrac=0.25)
     dense = save_tiny(tmp_path / "dense" / "ckpt.pt", model, l0_frac=1.0, afrac=1.0)
@@ -2215,6 +2215,11 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
         with pytest.raises(UserError, match=words):
             headline.main([f"--sparse={s}", f"--dense={d}", f"--out_dir={out}", "--device=cpu"])
     assert not out.exists()
+    capsys.readouterr()
+    headline.check_models([sparse], [dense, save_tiny(tmp_path / "e" / "ckpt.pt", model, eval_iters=10, l0_frac=1.0)])
+    assert "note: the models' val losses, which match them, are over different val batches" in capsys.readouterr().out
+    headline.check_models([sparse], [dense])                                        # alike: no note
+    assert "note" not in capsys.readouterr().out
     line = one_line_error(["headline.py", f"--sparse={dense}", f"--dense={sparse}", f"--out_dir={out}"])
     assert "is not weight-sparse" in line and not out.exists()                      # swapped roles: nothing written
 
