@@ -128,7 +128,9 @@ def check_models(sparse_paths, dense_paths):
             raise UserError(f"--dense={path} is a sparse model (l0_frac={tc.get('l0_frac')}, afrac={tc.get('afrac')}); "
                             "give a dense one (trained with --l0_frac=1 --afrac=1)")
         data_dirs[path], contexts[path] = tc.get("data_dir", ""), ckpt["model_config"].get("block_size")
-        val_batches[path] = tuple(tc.get(key) for key in ("eval_iters", "batch_size", "seed"))   # estimate_loss's
+        batches = tuple(tc.get(key) for key in ("eval_iters", "batch_size", "seed"))   # estimate_loss's
+        if None not in batches:
+            val_batches[path] = batches
         if ckpt.get("tokenizer"):
             tokenizers[path] = ckpt["tokenizer"]
     first = next(iter(data_dirs))
@@ -148,7 +150,7 @@ def check_models(sparse_paths, dense_paths):
         raise UserError(f"{a} and {b} were trained with different tokenizers (their data_dir's files changed "
                         "between the runs): the models must share one tokenizer and validation set")
     if len(set(val_batches.values())) > 1:
-        print("note: the models' val losses, which match them, are over different val batches (eval_iters, "
+        print("note: the models' val losses, which pair them, are over different val batches (eval_iters, "
               "batch_size, seed: " + "; ".join(f"{p} {v}" for p, v in val_batches.items()) + ")")
 
 

@@ -213,7 +213,7 @@ def else_elif(rng, label):
                            f"{var} in ({quoted(rng)}, {quoted(rng)})"))
         body = filler(rng, ind + 4, rng.randint(1, 2))
         if all(line.lstrip().startswith("#") for line in body.splitlines()):   # comments alone are no block
-            body += " " * (ind + 4) + "pass\n"                               # (no draw: other prompts stay as they were)
+            body += " " * (ind + 4) + "pass\n"                               # no draw: the rng goes on as before
         text += f"{' ' * ind}{'elif' if i else 'if'} {test}:\n" + body
     return f"{text}{' ' * ind}{('elif', 'else')[label]}", *pick(label, " " + var, ":")
 

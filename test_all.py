@@ -2216,9 +2216,12 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
             headline.main([f"--sparse={s}", f"--dense={d}", f"--out_dir={out}", "--device=cpu"])
     assert not out.exists()
     capsys.readouterr()
-    headline.check_models([sparse], [dense, save_tiny(tmp_path / "e" / "ckpt.pt", model, eval_iters=10, l0_frac=1.0)])
-    assert "note: the models' val losses, which match them, are over different val batches" in capsys.readouterr().out
-    headline.check_models([sparse], [dense])                                        # alike: no note
+    alike = dict(eval_iters=4, batch_size=8, seed=1)
+    recorded = [save_tiny(tmp_path / n / "ckpt.pt", model, l0_frac=l0, **alike) for n, l0 in (("s2", 0.25), ("d2", 1.0))]
+    other = save_tiny(tmp_path / "e" / "ckpt.pt", model, l0_frac=1.0, **{**alike, "eval_iters": 10})
+    headline.check_models(recorded[:1], [recorded[1], other])
+    assert "note: the models' val losses, which pair them, are over different val batches" in capsys.readouterr().out
+    headline.check_models(recorded[:1], [recorded[1], dense])                      # alike, or not recorded: no note
     assert "note" not in capsys.readouterr().out
     line = one_line_error(["headline.py", f"--sparse={dense}", f"--dense={sparse}", f"--out_dir={out}"])
     assert "is not weight-sparse" in line and not out.exists()                      # swapped roles: nothing written
