@@ -387,8 +387,8 @@ def find_circuit(model, taus, batches, means, cfg):
         return bound[k]
     n = sum(t.numel() for t in unique(taus))
     k = bisect_k(bound_at, n, cfg.target_loss, hi=sum(int((t > 0).sum()) for t in unique(taus)))
-    below = [kk for kk in [0] + [round(n ** (i / 16)) for i in range(17)]
-             if bound_at(kk) <= cfg.target_loss and (k is None or kk < k)]
+    below = [kk for kk in [0] + [round(n ** (i / 16)) for i in range(17)]   # bound_at first: every k of the
+             if bound_at(kk) <= cfg.target_loss and (k is None or kk < k)]      # curve is evaluated, for its picture
     if below:
         k = bisect_k(bound_at, n, cfg.target_loss, hi=min(below))
     return (top_k_masks(taus, k) if k is not None else None), k, curve
