@@ -1336,6 +1336,24 @@ def answer_model():
 CARRIERS = {("0.mlp.act_in", 0), ("0.mlp.post_act", 5), ("0.mlp.post_act", 6), ("0.mlp.resid_delta", 1)}
 
 
+def circuit_of_ranked(model, prompts, cfg, ranked):
+    """find_circuit under zero ablation, with masks that rank the units ranked first, in that order.
+    -> (keep, k, curve, batches, zeros)"""
+    batches = prune.make_batches(model, prompts, "cpu", cfg)
+    zeros = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
+    taus = prune.init_taus(model, cfg, "cpu")
+    with torch.no_grad():
+        for t in prune.unique(taus):
+            t.fill_(-0.5)
+        for r, (s, i) in enumerate(ranked):
+            taus[s][i] = 0.9 - 0.1 * r
+    return (*prune.find_circuit(model, taus, batches, zeros, cfg), batches, zeros)
+
+
+def kept_units(keep):
+    return {(s, i) for s, m in keep.items() for i in m.nonzero()[:, 0].tolist()}
+
+
 def test_the_circuit_is_the_smallest_k_found_even_where_loss_does_not_fall_with_k():
     """Neuron 7 reads the input as neuron 5 does and writes the other answer, 3x as hard: ranked just
     after the 4 carriers, it undoes them, and so does keeping everything. A bisection down from the
@@ -1344,33 +1362,18 @@ def test_the_circuit_is_the_smallest_k_found_even_where_loss_does_not_fall_with_
     mlp = model.blocks[0].mlp
     mlp.c_fc.weight[7, 0], mlp.c_proj.weight[1, 7] = 1.0, -3.0
     cfg = prune.PruneConfig(target_loss=0.15, eval_batch_size=8)
-    batches = prune.make_batches(model, prompts, "cpu", cfg)
-    zeros = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
-    taus = prune.init_taus(model, cfg, "cpu")
-    with torch.no_grad():
-        for t in prune.unique(taus):
-            t.fill_(-0.5)
-        for r, (s, i) in enumerate(sorted(CARRIERS, key=str) + [("0.mlp.post_act", 7)]):
-            taus[s][i] = 0.9 - 0.1 * r
-    keep, k, curve = prune.find_circuit(model, taus, batches, zeros, cfg)
+    keep, k, curve, _, _ = circuit_of_ranked(model, prompts, cfg, sorted(CARRIERS, key=str) + [("0.mlp.post_act", 7)])
     assert curve[5][1] > 0.3 and curve[max(curve)][1] > 0.3             # more kept, worse
-    assert k == 4 and {(s, i) for s, m in keep.items() for i in m.nonzero()[:, 0].tolist()} == CARRIERS
+    assert k == 4 and kept_units(keep) == CARRIERS
 
 
 def test_bisection_on_a_model_with_a_known_circuit_and_masks_that_learn_it():
     model, prompts = answer_model()
     cfg = prune.PruneConfig(target_loss=0.15, eval_batch_size=8, steps=200, batch_size=16)   # the paper's settings
-    batches = prune.make_batches(model, prompts, "cpu", cfg)
-    zeros = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
-    taus = prune.init_taus(model, cfg, "cpu")
-    with torch.no_grad():                       # rank the carriers first, in a known order
-        for t in prune.unique(taus):
-            t.fill_(-0.5)
-        for r, (s, i) in enumerate(sorted(CARRIERS, key=str)):
-            taus[s][i] = 0.9 - 0.1 * r
-    keep, k, curve = prune.find_circuit(model, taus, batches, zeros, cfg)
+    # the carriers ranked first, in a known order
+    keep, k, curve, batches, zeros = circuit_of_ranked(model, prompts, cfg, sorted(CARRIERS, key=str))
     assert k == 4 and curve[3][1] > 0.3 and curve[4][1] < 0.01     # 3 carriers: half the prompts at chance
-    assert {(s, i) for s, m in keep.items() for i in m.nonzero()[:, 0].tolist()} == CARRIERS
+    assert kept_units(keep) == CARRIERS
     assert sorted(prune.circuit_edges(model, keep)) == [
         ("0.mlp.act_in", 0, "0.mlp.post_act", 5, 1.0), ("0.mlp.act_in", 0, "0.mlp.post_act", 6, -1.0),
         ("0.mlp.post_act", 5, "0.mlp.resid_delta", 1, 1.0), ("0.mlp.post_act", 6, "0.mlp.resid_delta", 1, -1.0)]
