@@ -24,8 +24,9 @@ prune.py settings (target, steps, test prompts, k_coef, seed, and prune.py's def
 not the device or the batching). <model> is the checkpoint's folder (out/cpu45/ckpt.pt
 -> cpu45), with a hash of its path where two checkpoints of a run would share it. A task solved on
 the test prompts but without a circuit at the target is left out of its comparison, and a model
-without a circuit for a plotted task is left off the plot, each with a printed note. The table and
-the plot: out/headline/headline{.json,.svg}.
+without a circuit for a plotted task is left off the plot, each with a printed note; a row's note
+names a circuit that misses the target on the test prompts and an empty one. The table and the
+plot: out/headline/headline{.json,.svg}.
 """
 
 import dataclasses
@@ -306,15 +307,29 @@ def compare(sparse_path, dense_paths, models, cfg, device):
             "geomean_sparse": gs, "geomean_dense": gd, "ratio": gd / gs}
 
 
-def print_table(c, models):
+def print_table(c, models, target_loss):
     print(f"\n{models[c['sparse']]['name']} vs {models[c['matched_dense']]['name']}")
-    print(f"{'task':<28} {'sparse edges':>12} {'dense edges':>12} {'ratio':>7}")
+    print(f"{'task':<28} {'sparse edges':>12} {'dense edges':>12} {'ratio':>7}  note")
     for r in c["rows"]:
         print(f"{r['task']:<28} {r['sparse_edges']:>12} {r['dense_edges']:>12} "
-              f"{max(1, r['dense_edges']) / max(1, r['sparse_edges']):>7.1f}")   # empty: 1, as in geomean
+              f"{max(1, r['dense_edges']) / max(1, r['sparse_edges']):>7.1f}  "   # empty: 1, as in geomean
+              + "; ".join(row_notes(r, target_loss)))
     print(f"{'geometric mean':<28} {c['geomean_sparse']:>12.1f} {c['geomean_dense']:>12.1f} {c['ratio']:>7.1f}")
     print(f"val loss: sparse {models[c['sparse']]['val_loss']:.4f} | dense "
           f"{models[c['matched_dense']]['val_loss']:.4f}; {len(c['rows'])} task(s)")
+
+
+def row_notes(r, target_loss):
+    """What the edge counts alone hide: a circuit chosen on the bisection prompts that misses the
+    target on the test prompts, and an empty one (the bigram table alone, never ablated, is enough),
+    which counts as 1 edge and so pulls its side's geometric mean down."""
+    notes = []
+    for side in ("sparse", "dense"):
+        if r[f"{side}_circuit_loss"] > target_loss:
+            notes.append(f"{side} test loss {r[f'{side}_circuit_loss']:.3f} > target")
+        if r[f"{side}_nodes"] == 0:
+            notes.append(f"{side} circuit empty")
+    return notes
 
 
 def main(argv):
@@ -349,7 +364,7 @@ def main(argv):
             points.append({"name": m["name"], "kind": m["kind"], "val_loss": m["val_loss"],
                            "geomean_edges": prune.geomean(edges)})
     for c in comparisons:
-        print_table(c, models)
+        print_table(c, models, cfg.target_loss)
     print(f"plot: geometric mean of edges over {', '.join(plot_tasks) or 'no task common to every comparison'}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     result = {"settings": dataclasses.asdict(cfg), "models": models, "comparisons": comparisons,

@@ -1597,6 +1597,21 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
     assert headline.HeadlineConfig(k_coefs="0", prune_seeds="-5,0").search_grid() == [(0.0, -5), (0.0, 0)]   # as prune.py's --seed
 
 
+def test_headline_table_notes_a_circuit_that_misses_the_target_on_test_prompts_and_an_empty_one(capsys):
+    row = lambda task, se, de, sl, dl, sn, dn: {"task": task, "sparse_edges": se, "dense_edges": de,
+                                                "sparse_circuit_loss": sl, "dense_circuit_loss": dl,
+                                                "sparse_nodes": sn, "dense_nodes": dn}
+    rows = [row("single_double_quote", 40, 400, 0.12, 0.14, 12, 50),    # both meet 0.15: no note
+            row("with_as", 30, 300, 0.17, 0.10, 9, 40),                 # chosen on the bisection prompts, misses on test
+            row("else_elif", 0, 21, 0.09, 0.158, 0, 15)]                # the bigram table alone: empty
+    c = {"sparse": "s", "matched_dense": "d", "rows": rows, "geomean_sparse": 1.0, "geomean_dense": 1.0, "ratio": 1.0}
+    headline.print_table(c, {"s": {"name": "s", "val_loss": 3.0}, "d": {"name": "d", "val_loss": 3.0}}, 0.15)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["single_double_quote"].rstrip().endswith("10.0")
+    assert lines["with_as"].rstrip().endswith("sparse test loss 0.170 > target")
+    assert lines["else_elif"].rstrip().endswith("sparse circuit empty; dense test loss 0.158 > target")
+
+
 def test_headline_skips_a_task_whose_answer_this_tokenizer_splits(corpus, tiny_gpt, monkeypatch, capsys):
     _, enc = corpus                                   # another corpus's BPE may split an answer: skip, do not crash
     real = headline.make_prompts
