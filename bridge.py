@@ -40,8 +40,8 @@ import tasks
 from config import (UserError, as_arg, check_not_negative, check_positive, parse_args, resolve_device, run_main,
                     write_atomic)
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint, model_in
-from train import (MODEL_KEYS, TrainConfig, autocast_for, batch_for, check_finite, estimate_loss, is_dense,
-                   load_optimizer_state, make_optimizer, optimizer_step, resumed_config, save_checkpoint)
+from train import (MODEL_KEYS, TrainConfig, abstopk_setting, autocast_for, batch_for, check_finite, estimate_loss,
+                   is_dense, load_optimizer_state, make_optimizer, optimizer_step, resumed_config, save_checkpoint)
 
 
 TRAIN_ONLY_KEYS = ("preset", "compile", "abstopk_by", "gradient_accumulation_steps", "sample_tokens", "eval_task")
@@ -344,7 +344,7 @@ def train_bridges(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(settings, indent=1))   # as train.py does
     print(f"dense {cfg.dense}: d_model {dense.config.d_model}; sparse: d_model {sparse.config.d_model}, "
-          f"L0 {cfg.l0_frac:g}, AbsTopK {cfg.afrac:g}; {len(bridges.sites)} bridge sites")
+          f"L0 {cfg.l0_frac:g}, AbsTopK {abstopk_setting(sparse, cfg.afrac)}; {len(bridges.sites)} bridge sites")
 
     tokens_per_step, t0, saved_step = cfg.batch_size * cfg.block_size, time.time(), start
     t_log, steps_since = t0, start   # for the rate since the last progress line

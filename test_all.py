@@ -1912,7 +1912,9 @@ def test_bridge_training_keeps_the_dense_model_frozen_and_writes_a_normal_checkp
     exact, params, _, _ = train.sparsity_report(model, 0.25)
     assert exact == params
     out = capsys.readouterr().out
-    assert "kl_ds" in out and "nmse_enc" in out and "val loss: sparse" in out
+    assert "kl_ds" in out and "nmse_enc" in out and "val loss: sparse" in out and "AbsTopK 0.25;" in out
+    unsited = GPT(dataclasses.replace(tiny_model().config, sparse_sites=()))
+    assert train.abstopk_setting(unsited, 0.25) == "off"                        # as train.py's start line says it
     monkeypatch.undo()
     result = bridge.steer(tiny_bridge_config(tmp_path / "b", tiny_dense, steer=True, steer_prompts=8,
                                              steer_site="0.resid_mid", steer_controls=2))

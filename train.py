@@ -271,6 +271,11 @@ def sparsity_report(model, frac):
     return exact, params, fewest, nonzeros / numel
 
 
+def abstopk_setting(model, afrac):
+    """AbsTopK as a start line names it: its fraction, or off (afrac 1, or no sparse_sites)."""
+    return f"{afrac:g}" if model.config.abstopk_widths() else "off"
+
+
 def is_dense(train_config):
     """A dense model, by its saved settings: no weight sparsity, no AbsTopK (the dense twin)."""
     return train_config.get("l0_frac", 1.0) >= 1.0 and train_config.get("afrac", 1.0) >= 1.0
@@ -417,9 +422,8 @@ def train(cfg):
     if master:
         write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(settings, indent=1))
     n_sparse = sum(p.numel() for _, p in model.sparse_params())
-    abstopk = f"{cfg.afrac:g}" if model.config.abstopk_widths() else "off"   # off: afrac 1, or no sparse_sites
     log(f"model: {model.num_params():,} parameters, {n_sparse:,} sparsifiable; target L0 {cfg.l0_frac:g}, "
-        f"AbsTopK {abstopk}; {world} process(es) on {cfg.device}")
+        f"AbsTopK {abstopk_setting(model, cfg.afrac)}; {world} process(es) on {cfg.device}")
     if cfg.dtype != "float32" and not cfg.device.startswith("cuda"):
         log(f"note: --dtype={cfg.dtype} is autocast on CUDA only; on {cfg.device} this run computes in float32")
 
