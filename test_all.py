@@ -842,13 +842,20 @@ def test_a_seed_as_large_as_a_timestamp_still_draws_batches():
 
 
 def test_torchrun_two_cpu_processes_hold_identical_weights(tmp_path, corpus):
-    args = [f"--out_dir={tmp_path / 'ddp'}", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
+    args = [f"--out_dir={tmp_path / 'ddp'}", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--log_interval=1",
             "--batch_size=2", "--block_size=32", "--n_layer=1", "--d_model=32", "--sample_tokens=0"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", "--preset=cpu", *args], cwd=HERE, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ddp: weights identical on all 2 ranks" in result.stdout
     assert "2 process(es)" in result.stdout
+    cfg = train.config_from_args(["--preset=cpu", *args[1:], f"--out_dir={tmp_path / 'unused'}", "--device=cpu"])
+    torch.manual_seed(cfg.seed)
+    model = train.make_model(cfg)                                     # each rank's model before its first step
+    with torch.no_grad():
+        first = [model(*train.batch_for(data.load_tokens(corpus[0], "train"), 0, 0, cfg, rank))[1] for rank in (0, 1)]
+    logged = float(re.search(r"step +1 \| loss ([\d.]+)", result.stdout).group(1))
+    assert logged == pytest.approx((first[0].item() + first[1].item()) / 2, abs=1e-4)   # both ranks' mean, not rank 0's
 
 
 def test_a_context_shorter_than_every_eval_task_prompt_is_refused_before_training(tmp_path, corpus):

@@ -456,7 +456,11 @@ def train(cfg):
         done = step + 1
         if done % cfg.log_interval == 0 or done == stop:
             dt, t_log, steps_since = (time.time() - t_log) / (done - steps_since), time.time(), done
-            log(f"step {done:5d} | loss {loss_sum.item():.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
+            logged = loss_sum.clone()
+            if ddp:   # the step's loss over every rank's batch, not rank 0's alone
+                dist.all_reduce(logged)
+                logged /= world
+            log(f"step {done:5d} | loss {logged.item():.4f} | lr {lr:.2e} | L0 {frac:.4f} | "
                 f"{tokens_per_step / dt:7.0f} tok/s | {dt * 1000:6.1f} ms/step")
         if done % cfg.eval_interval == 0 or done == stop:
             losses = estimate_loss(raw, {"train": train_tokens, "val": val_tokens}, cfg, autocast)
