@@ -22,10 +22,12 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   calls run it (topk on a GPU, numpy's partition on a CPU), against topk on |x| and a scatter; where
   the preset compiles, its step selects by radix instead, so that share is not the step's.
 - MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
-  matmul rate measured here in the dtype the shape trains in (fp32 on a CPU). The sparse model runs
-  the same dense matmuls, so its FLOPs are counted as dense.
-- forward time with no hook against recording one site; the time to prune one task (if given a
-  checkpoint that solves it; timed first, so a model that does not solve it ends the run at once).
+  matmul rate measured here in the dtype the shape trains in (fp32 on a CPU): in every round, after
+  the variants' turns, and each round's steps against that round's peak (the median over rounds).
+  The sparse model runs the same dense matmuls, so its FLOPs are counted as dense.
+- forward time with no hook against recording one site, in turns too; the time to prune one task (if
+  given a checkpoint that solves it; timed first, so a model that does not solve it ends the run at
+  once).
 - where the preset compiles (the GPU preset on a GPU; --cpu_compile=True): dense and sparse eager
   too, for what torch.compile buys, and sparse with AbsTopK the other way (the GPU preset selects by
   radix, abstopk_by=radix, which compile fuses; the variant sparse_topk by topk).
@@ -63,9 +65,14 @@ class BenchConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
-        for shape in self.shapes.split(","):
+        shapes = self.shapes.split(",")
+        for shape in shapes:
             if shape not in PRESETS:
                 raise UserError(f"--shapes={self.shapes}: {shape!r} is unknown; allowed: {', '.join(PRESETS)}")
+        if len(set(shapes)) < len(shapes):
+            raise UserError(f"--shapes={self.shapes} names a shape twice: give each once")
+        if self.prune_task != BenchConfig.prune_task and not self.prune_ckpt:
+            raise UserError(f"--prune_task={self.prune_task} needs --prune_ckpt=<a checkpoint that solves it>")
         if self.steps <= 0 or self.rounds <= 0 or self.warmup < 0:
             raise UserError(f"--steps={self.steps}, --rounds={self.rounds}, --warmup={self.warmup}: "
                             "need steps > 0, rounds > 0 and warmup >= 0")
@@ -150,10 +157,11 @@ def peak_rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_in_turns(variants, steps, rounds, warmup):
-    """{name: (TrainConfig, keep_memory)} -> {name: ms/step of each round, tokens/s, projection_ms,
-    peak_mem_mb}. Each variant is built and warmed up once, in its own process (spawned, so CUDA
-    works); then, round after round, each times its share of the steps in turn while the rest wait.
+def time_in_turns(variants, steps, rounds, warmup, each_round=lambda: None):
+    """{name: (TrainConfig, keep_memory)} -> ({name: ms/step of each round, tokens/s, projection_ms,
+    peak_mem_mb}, [each_round() of each round]). Each variant is built and warmed up once, in its own
+    process (spawned, so CUDA works); then, round after round, each times its share of the steps in
+    turn while the rest wait, and then this process runs each_round (bench_shape: the matmul peak).
     A shared machine speeds up and slows down by tens of percent within minutes: taken in turns, that
     moves every variant of a round alike, and a ratio is taken within each round."""
     context, workers = multiprocessing.get_context("spawn"), {}
@@ -167,10 +175,11 @@ def time_in_turns(variants, steps, rounds, warmup):
             child_conn.close()        # ours closed: a worker that dies ends its pipe (EOFError below)
             workers[name] = process, conn
             ask(name, process, conn)  # built and warmed up
-        ms = {name: [] for name in variants}
+        ms, measured = {name: [] for name in variants}, []
         for r, share in enumerate(shares):
             for name in list(workers)[::1 if r % 2 == 0 else -1]:   # every other round the other way round
                 ms[name].append(ask(name, *workers[name], share) * 1e3)
+            measured.append(each_round())
         runs = {}
         for name, (process, conn) in workers.items():
             cfg, ms_per_step = variants[name][0], median(ms[name])
@@ -178,7 +187,7 @@ def time_in_turns(variants, steps, rounds, warmup):
                           "tokens_per_s": cfg.batch_size * cfg.block_size / ms_per_step * 1e3,
                           **ask(name, process, conn, 0)}
             process.join()
-        return runs
+        return runs, measured
     finally:
         for process, _ in workers.values():
             process.kill()            # a no-op for those that have exited; the rest, on an error here
@@ -213,8 +222,8 @@ def projection_seconds(model, project, reps, device):
 @torch.no_grad()
 def naive_project(model, frac):
     """Reference projection: sort every parameter fully, O(n log n), keep the top k with each row's
-    top min_per_channel first (ties: the first index, as ours on a CPU; on CUDA ours keeps the same
-    count, ties as topk picks). Same result, the slow way."""
+    top min_per_channel first (found by topk, as ours does; ties in the sort: the first index, as ours
+    on a CPU; on CUDA ours keeps the same count, ties as topk picks). Same result, the slow way."""
     m = model.config.min_per_channel
     for _, p in model.sparse_params():
         k = target_nonzeros(p.shape, frac, m)
@@ -222,8 +231,7 @@ def naive_project(model, frac):
             continue
         score = p.abs().float()
         if p.dim() == 2:
-            rows_top = score.argsort(dim=1, descending=True, stable=True)[:, :m]
-            score.scatter_(1, rows_top, float("inf"))
+            score.scatter_(1, score.topk(min(m, p.shape[1]), dim=1).indices, float("inf"))
         keep = torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
         keep[score.flatten().argsort(descending=True, stable=True)[:k]] = 1
         p.mul_(keep.view_as(p))
@@ -246,15 +254,18 @@ def matmul_peak(device, dtype):
 
 
 @torch.no_grad()
-def hook_overhead(cfg, reps):
-    """Forward ms with no hook, and with one site recorded (the mechanism pruning and bridges use)."""
+def hook_overhead(cfg, reps, rounds):
+    """Forward ms with no hook, and with one site recorded (the mechanism pruning and bridges use):
+    the medians over rounds that time both in turns, as the training steps are."""
     model = GPT(cfg.model_config()).to(cfg.device).eval()
     x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size), device=cfg.device)
+    forwards = {"plain": lambda: model(x), "recorded": lambda: model.run_with_cache(x, ["1.mlp.post_act"])}
+    ms = {name: [] for name in forwards}
     with autocast_for(cfg):
-        plain = seconds_per_call(lambda: model(x), reps, cfg.device)
-        site = "1.mlp.post_act"
-        recorded = seconds_per_call(lambda: model.run_with_cache(x, [site]), reps, cfg.device)
-    return plain * 1e3, recorded * 1e3
+        for r in range(rounds):
+            for name in list(forwards)[::1 if r % 2 == 0 else -1]:
+                ms[name].append(seconds_per_call(forwards[name], max(1, reps // rounds), cfg.device) * 1e3)
+    return median(ms["plain"]), median(ms["recorded"])
 
 
 def abstopk_alone_ms(cfg, reps):
@@ -292,7 +303,7 @@ def prune_time(ckpt, task, device, out_dir):
 
 # -----------------------------------------------------------------------------
 
-def bench_shape(shape, bc, device, peaks):
+def bench_shape(shape, bc, device):
     batch = PRESETS[shape].get("batch_size", TrainConfig.batch_size)
     if device == "cpu" and shape != "cpu":
         batch = bc.cpu_batch_gpu_shape
@@ -307,23 +318,21 @@ def bench_shape(shape, bc, device, peaks):
         variants.append((f"sparse_{other}", dataclasses.replace(sparse, abstopk_by=other)))
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
-    runs = time_in_turns({name: (cfg, name != "sparse_glibc_malloc") for name, cfg in variants},
-                         bc.steps, bc.rounds, bc.warmup)
+    dtype = sparse.dtype if device.startswith("cuda") else "float32"   # MFU against the peak of what it trains in
+    runs, peaks = time_in_turns({name: (cfg, name != "sparse_glibc_malloc") for name, cfg in variants},
+                                bc.steps, bc.rounds, bc.warmup, lambda: matmul_peak(device, dtype))
     for name, r in runs.items():
         print(f"  {shape} {name:<18} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:9.0f} tok/s "
               f"{r['peak_mem_mb']:8.0f} MB   rounds: {' '.join(f'{ms:.0f}' for ms in r['ms_per_round'])}")
+    print(f"  matmul peak {median(peaks) / 1e9:.0f} GFLOP/s ({dtype}; rounds {' '.join(f'{p / 1e9:.0f}' for p in peaks)})")
     model = GPT(sparse.model_config()).to(device)
     fpt = flops_per_token(model, sparse.block_size)
-    dtype = sparse.dtype if device.startswith("cuda") else "float32"   # MFU against the peak of what it trains in
-    if dtype not in peaks:
-        peaks[dtype] = matmul_peak(device, dtype)
-        print(f"  matmul peak {peaks[dtype] / 1e9:.0f} GFLOP/s ({dtype})")
-    for r in runs.values():
-        r["mfu"] = fpt * r["tokens_per_s"] / peaks[dtype]
+    for r in runs.values():   # each round's tokens/s against the peak measured in that round, as the ratios
+        r["mfu"] = median(fpt * batch * sparse.block_size / (ms / 1e3) / peak for ms, peak in zip(r["ms_per_round"], peaks))
     frac = l0_at(sparse.max_iters, sparse)
     ours = projection_seconds(model, lambda: model.project_weights(frac), bc.steps, device)   # on dense weights
     naive = projection_seconds(model, lambda: naive_project(model, frac), bc.steps, device)
-    plain_ms, recorded_ms = hook_overhead(sparse, bc.steps)
+    plain_ms, recorded_ms = hook_overhead(sparse, bc.steps, bc.rounds)
     abstopk_ms, abstopk_plain_ms = abstopk_alone_ms(sparse, bc.steps)
     # a ratio of two variants is the median over rounds of their ratio within a round (None: one is absent)
     per_round = lambda a, b: [x / y for x, y in zip(runs[a]["ms_per_round"], runs[b]["ms_per_round"])]
@@ -331,7 +340,7 @@ def bench_shape(shape, bc, device, peaks):
     radix, topk = ("sparse", "sparse_topk") if sparse.abstopk_by == "radix" else ("sparse_radix", "sparse")
     s = runs["sparse"]["ms_per_step"]
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
-            "matmul_peak_flops": peaks[dtype], "runs": runs, "sparse_over_dense_step": ratio("sparse", "dense"),
+            "matmul_peak_flops": median(peaks), "matmul_peak_rounds": peaks, "runs": runs, "sparse_over_dense_step": ratio("sparse", "dense"),
             "sparse_over_dense_rounds": per_round("sparse", "dense"),
             "projection_share": runs["sparse"]["projection_ms"] / s,
             "abstopk_share": max(0.0, 1 - ratio("sparse_no_abstopk", "sparse")),   # (sparse - no AbsTopK) / sparse
@@ -347,6 +356,9 @@ def bench_shape(shape, bc, device, peaks):
 def main(argv):
     bc = parse_args(BenchConfig, argv)
     print("settings: " + json.dumps(dataclasses.asdict(bc)))
+    if bc.rounds > bc.steps:          # a round times at least one step of each variant
+        print(f"note: --rounds={bc.rounds} is more than --steps={bc.steps}: {bc.steps} round(s) of one step")
+        bc.rounds = bc.steps
     device = resolve_device(bc.device)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     print(f"device {name}")
@@ -354,9 +366,8 @@ def main(argv):
     if bc.prune_ckpt:                 # first: a typo or a task the model does not solve ends the run at once
         result["prune_seconds"] = prune_time(bc.prune_ckpt, bc.prune_task, device, bc.out_dir)
         print(f"prune {bc.prune_task} on {bc.prune_ckpt}: {result['prune_seconds']:.0f} s")
-    peaks = {}                        # dtype -> matmul FLOP/s, measured once per dtype a shape trains in
     for shape in bc.shapes.split(","):
-        result["shapes"][shape] = r = bench_shape(shape, bc, device, peaks)
+        result["shapes"][shape] = r = bench_shape(shape, bc, device)
         lo, hi = min(r["sparse_over_dense_rounds"]), max(r["sparse_over_dense_rounds"])
         print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} (rounds {lo:.2f}-{hi:.2f}) | "
               f"projection {r['projection_share']:.1%} of a step | AbsTopK {r['abstopk_share']:.1%} "

@@ -477,7 +477,9 @@ def steer(cfg):
     print(f"steer {cfg.steer_task}: {len(runs)} test prompts {said(runs)}; sparse channel {site}[{channel}] set to its "
           f"mean over {len(source)} prompts {said(source)}; control: {len(controls)} random channels, edits scaled "
           "to the same size")
-    print(f"the edit in the sparse model itself: logit difference (correct - other) {sparse_shift(channel, len(runs)):+.3f}")
+    before = sum(unedited) / len(unedited)
+    print(f"the edit in the sparse model itself: logit difference (correct - other) {before:+.3f} before, "
+          f"{before + sparse_shift(channel, len(runs)):+.3f} edited")
     heads = [f"P({a[0] if len(a) == 1 else name})"            # the token where all runs share it
              for a, name in ((answers(runs), "correct"), (answers(runs, "alt"), "other"))]
     print(f"{'dense model':<22} {heads[0]:>10} {heads[1]:>10}")

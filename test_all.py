@@ -1928,6 +1928,9 @@ def test_bridge_training_keeps_the_dense_model_frozen_and_writes_a_normal_checkp
     for key in ("before", "edit", "control"):
         assert all(0.0 <= p <= 1.0 for p in result[key])
     assert result["edit"] != result["before"]                                        # the edit reached the dense model
+    before, edited = map(float, re.search(r"logit difference \(correct - other\) (\S+) before, (\S+) edited",
+                                          capsys.readouterr().out).groups())
+    assert edited != before                                                          # the value edited, not the change
 
 
 def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
@@ -2119,6 +2122,15 @@ def test_naive_reference_projection_gives_exactly_our_projection():
     ours, naive = GPT(tiny_config()), GPT(tiny_config())
     with torch.no_grad():
         ours.blocks[0].mlp.c_fc.weight[:3] = 0.5                  # ties at the threshold
+        naive.load_state_dict(ours.state_dict())
+    ours.project_weights(0.2)
+    bench.naive_project(naive, 0.2)
+    for (name, a), (_, b) in zip(ours.sparse_params(), naive.sparse_params()):
+        assert torch.equal(a, b), name
+    ours, naive = GPT(tiny_config()), GPT(tiny_config())
+    with torch.no_grad():                                         # ties everywhere, within rows too
+        for p in ours.parameters():
+            p.copy_((p * 50).round() / 50)
         naive.load_state_dict(ours.state_dict())
     ours.project_weights(0.2)
     bench.naive_project(naive, 0.2)
@@ -2316,23 +2328,28 @@ def test_bench_compares_radix_with_topk_whichever_way_the_preset_selects(monkeyp
                     f"sparse_{cfg.abstopk_by}" if cfg.compile and cfg.abstopk_by != preset_way else "sparse")
         def fake_runs(variants, *args):
             return {name: {"ms_per_step": ms[label(cfg)], "ms_per_round": [ms[label(cfg)]], "tokens_per_s": 1.0,
-                           "projection_ms": 1.0, "peak_mem_mb": 1.0} for name, (cfg, _) in variants.items()}
+                           "projection_ms": 1.0, "peak_mem_mb": 1.0} for name, (cfg, _) in variants.items()}, [1e12]
         monkeypatch.setattr(bench, "time_in_turns", fake_runs)
         bc = bench.BenchConfig(shapes=shape, cpu_compile=True, steps=1, warmup=0, cpu_batch_gpu_shape=1)
-        assert bench.bench_shape(shape, bc, "cpu", {})["radix_over_topk_step"] == pytest.approx(radix_over_topk)
+        assert bench.bench_shape(shape, bc, "cpu")["radix_over_topk_step"] == pytest.approx(radix_over_topk)
 
 
 def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
     # a host slowing down mid-run: round 2 is slow for both; compared within rounds, sparse is 1.5x dense
     rounds = {"dense": [10, 20, 40], "sparse": [15, 50, 60], "sparse_no_abstopk": [12, 40, 48]}
     stub_bench_timings_but_the_steps(monkeypatch)
-    monkeypatch.setattr(bench, "time_in_turns", lambda variants, *a: {
+    peaks = [1e9, 2e9, 4e9]                                           # the matmul peak, measured in each round
+    monkeypatch.setattr(bench, "time_in_turns", lambda variants, *a: ({
         name: {"ms_per_step": statistics.median(rounds[name]), "ms_per_round": rounds[name], "tokens_per_s": 1.0,
-               "projection_ms": 1.0, "peak_mem_mb": 1.0} for name in variants if name in rounds})
-    r = bench.bench_shape("cpu", bench.BenchConfig(shapes="cpu", steps=3, rounds=3, warmup=0), "cpu", {})
+               "projection_ms": 1.0, "peak_mem_mb": 1.0} for name in variants if name in rounds}, peaks))
+    r = bench.bench_shape("cpu", bench.BenchConfig(shapes="cpu", steps=3, rounds=3, warmup=0), "cpu")
     assert r["sparse_over_dense_step"] == pytest.approx(1.5)          # the medians' ratio would say 2.5
     assert r["sparse_over_dense_rounds"] == pytest.approx([1.5, 2.5, 1.5])
     assert r["abstopk_share"] == pytest.approx(0.2)                    # 1 - median(12/15, 40/50, 48/60)
+    flops = r["batch_size"] * r["block_size"] * r["flops_per_token"]    # per step
+    assert r["runs"]["dense"]["mfu"] == pytest.approx(statistics.median(flops / (ms / 1e3) / p for ms, p in
+                                                                        zip(rounds["dense"], peaks)))
+    assert r["matmul_peak_flops"] == 2e9                               # each round's steps against its own peak
 
 
 def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path, monkeypatch):
@@ -2343,7 +2360,9 @@ def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path, monkeyp
         asked.append((name, message))
         return ask(name, process, conn, message)
     monkeypatch.setattr(bench, "ask", recording_ask)
-    runs = bench.time_in_turns({"dense": (dense, True), "sparse": (cfg, True)}, steps=3, rounds=2, warmup=1)
+    runs, extra = bench.time_in_turns({"dense": (dense, True), "sparse": (cfg, True)}, steps=3, rounds=2, warmup=1,
+                                      each_round=lambda: len(asked))
+    assert extra == [4, 6]                                         # run after each round's turns
     assert asked == [("dense", None), ("sparse", None),       # each built and warmed up, then turns:
                      ("dense", 2), ("sparse", 2), ("sparse", 1), ("dense", 1),   # the second round the other way
                      ("dense", 0), ("sparse", 0)]              # then their peak memory and projection
@@ -2363,5 +2382,18 @@ def test_bench_refuses_a_batch_of_0_under_its_own_name():
         with pytest.raises(UserError, match=f"--cpu_batch_gpu_shape={bad} must be positive"):
             bench.BenchConfig(cpu_batch_gpu_shape=bad)
     assert bench.BenchConfig(cpu_batch_gpu_shape=1).cpu_batch_gpu_shape == 1
+    with pytest.raises(UserError, match="--shapes=cpu,cpu names a shape twice"):
+        bench.BenchConfig(shapes="cpu,cpu")                       # else its JSON would keep the second run only
+    with pytest.raises(UserError, match="--prune_task=nope needs --prune_ckpt"):
+        bench.BenchConfig(prune_task="nope")                      # else silently not timed
+
+
+def test_bench_runs_and_records_no_more_rounds_than_steps(monkeypatch, capsys):
+    def stop(shape, bc, device):
+        raise SystemExit(f"rounds {bc.rounds}")
+    monkeypatch.setattr(bench, "bench_shape", stop)
+    with pytest.raises(SystemExit, match="rounds 2"):
+        bench.main(["--shapes=cpu", "--steps=2", "--rounds=5", "--device=cpu"])
+    assert "note: --rounds=5 is more than --steps=2: 2 round(s) of one step" in capsys.readouterr().out
     line = one_line_error(["bench.py", "--shapes=gpu", "--cpu_batch_gpu_shape=0"])
     assert line == "error: --cpu_batch_gpu_shape=0 must be positive"
