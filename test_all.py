@@ -238,6 +238,9 @@ def test_hooks_record_and_replace_exactly_what_they_should():
         seen[name] = x
         return x
 
+    with torch.no_grad():
+        model.blocks[1].mlp.c_proj.bias.normal_()          # not its init's zeros: what it writes shows
+    logits, cache = model.run_with_cache(idx)
     hooks = {name: record for name in model.sites}
     hooks["1.mlp.post_act"] = lambda x, name: torch.zeros_like(x)
     with model.hooks(hooks):
@@ -404,6 +407,8 @@ def test_config_parsing_and_bad_values(capsys):
     assert (cfg.d_model, cfg.l0_frac, cfg.compile, cfg.sparse_sites) == (64, 0.5, True, ("attn_q", "mlp_neuron"))
     for text, value in (("True", True), ("1", True), ("false", False), ("0", False)):
         assert parse_args(train.TrainConfig, [f"--resume={text}"]).resume is value
+    with pytest.raises(UserError, match=r"--resume=yes is not a valid bool \(default False\)"):
+        parse_args(train.TrainConfig, ["--resume=yes"])                    # not silently False
     assert parse_args(train.TrainConfig, ["--out_dir=~/runs/a"]).out_dir == os.path.expanduser("~/runs/a")
     twice = train.config_from_args(["--preset=gpu", "--preset=cpu45", "--out_dir=out/never"])   # the last wins, whole
     assert (twice.preset, twice.max_iters, twice.d_model) == ("cpu45", 2500, 128)
@@ -439,7 +444,7 @@ def test_every_setting_the_readme_passes_is_one_its_script_takes():
     settings = {"train": train.TrainConfig, "bench": bench.BenchConfig, "bridge": bridge.BridgeConfig,
                 "prune": prune.PruneConfig, "headline": headline.HeadlineConfig, "tasks": tasks.TaskConfig,
                 "draw": draw.DrawConfig, "data": data.DataConfig}
-    text = open(README).read().replace("\\\n", " ")           # commands continued over lines
+    text = re.sub(r"\\?\n\s*", " ", open(README).read())     # commands continued over lines, in code or in prose
     commands = re.findall(r"python (\w+)\.py((?: --\w+=\S*)*)", text)
     assert len(commands) > 40
     for script, args in commands:
@@ -713,13 +718,21 @@ def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     write_atomic(path, "old")
     with pytest.raises(ZeroDivisionError):
         with atomic_file(path, "wb") as f:      # as a checkpoint, cut off halfway
             f.write(b"half")
             1 / 0
+    assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
+    model = GPT(tiny_config())                                 # and train.py's checkpoints are written so
+    def save_half(obj, f):
+        f.write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", save_half)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint(path, model, train.make_optimizer(model, tiny_train_config(tmp_path)), None, 1, {}, {})
     assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -789,6 +802,9 @@ def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, cor
     assert train.config_from_args(resume + [f"--data_dir={data.default_data_dir()}"])   # "" is the stdlib
     assert train.config_from_args(resume + ["--preset=cpu"]).preset == "cpu"            # its own preset
     assert train.config_from_args(resume + ["--seed=-1"]).seed == -1 and prune.PruneConfig(seed=-1).seed == -1
+    for change in ("--afrac=0.5", "--min_per_channel=2", "--d_model=64"):   # the first two keep every tensor's shape
+        with pytest.raises(UserError, match=rf"--resume cannot change the model or bridge shape \({change[2:].split('=')[0]}\)"):
+            train.config_from_args(resume + [change])
     changed = train.config_from_args(resume + ["--weight_decay=0", "--eps=1e-8", "--beta2=0.99", "--max_iters=4"])
     train.train(changed)                                     # the optimizer runs with the settings asked, not the saved
     decay, no_decay = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
@@ -865,10 +881,13 @@ def test_a_context_shorter_than_every_eval_task_prompt_is_refused_before_trainin
     assert not (tmp_path / "short").exists()
 
 
-def test_gradient_accumulation_reports_the_mean_loss_not_the_sum(tmp_path, corpus):
-    history = train.train(tiny_train_config(tmp_path / "acc", max_iters=1, eval_interval=1, eval_task="",
+def test_gradient_accumulation_reports_the_mean_loss_not_the_sum(tmp_path, corpus, monkeypatch):
+    drawn, draw = [], train.batch_for
+    monkeypatch.setattr(train, "batch_for", lambda tokens, *key: drawn.append(key[:2]) or draw(tokens, *key))
+    history = train.train(tiny_train_config(tmp_path / "acc", max_iters=2, eval_interval=2, eval_task="",
                                             gradient_accumulation_steps=2))
     assert history[0][1] == pytest.approx(math.log(2048), rel=0.05)   # an untrained model's loss per token
+    assert drawn == [(0, 0), (0, 1), (1, 0), (1, 1)]                   # each micro-step its own batch
 
 
 def test_a_half_precision_dtype_on_a_cpu_says_the_run_computes_in_float32(tmp_path, corpus, capsys):
@@ -927,6 +946,9 @@ def test_a_task_whose_answer_is_not_one_token_fails_at_construction(corpus, monk
     monkeypatch.setitem(tasks.TASKS, "paper_with_open", lambda rng, label: ("with open(path, ", "'r'", "'w'"))
     with pytest.raises(ValueError, match="paper_with_open: answer \"'r'\".*is not one token"):
         tasks.make_prompts("paper_with_open", enc, 2)
+    monkeypatch.setitem(tasks.TASKS, "merges", lambda rng, label: (f"x = {rng.random()} is not ", "')", '")'))
+    with pytest.raises(ValueError, match="merges: answer \"'\\)\".*is not one token after the prompt"):
+        tasks.make_prompts("merges", enc, 2)                   # one token more, but " '" takes the prompt's space
     monkeypatch.setitem(tasks.TASKS, "same", lambda rng, label: (f"x = {rng.random()}\n", "]", "]"))
     with pytest.raises(ValueError, match="both answers are"):
         tasks.make_prompts("same", enc, 2)
@@ -1174,13 +1196,19 @@ def test_mean_ablated_node_holds_exactly_its_mean_and_kept_nodes_pass_through():
     def recording(x, name):
         seen[name] = (x, hooks[name](x, name))
         return seen[name][1]
+    passed_on = {}                                                  # what each site hands the next layer
+    handles = [model.sites[s].register_forward_hook(lambda mod, args, out, s=s: passed_on.__setitem__(s, out))
+               for s in sites]
     with model.hooks({s: recording for s in sites}):
         model(idx)
+    for h in handles:
+        h.remove()
     for s in sites:
         x_in, x_out = seen[s]
         off, on = masks[s] == 0, masks[s] == 1
         assert torch.equal(x_out[..., off], means[s][off].expand(3, 12, -1)), s    # bit for bit
         assert torch.equal(x_out[..., on], x_in[..., on]), s
+        assert torch.equal(passed_on[s], x_out), s      # the mask acts after AbsTopK: no top-k drops a mean
     # all kept: the hooks change nothing at all
     plain = model(idx)[0]
     with model.hooks(prune.ablation_hooks({s: torch.ones_like(m) for s, m in masks.items()}, means)):
@@ -1390,6 +1418,52 @@ def test_bisection_on_a_model_with_a_known_circuit_and_masks_that_learn_it():
     # the mask optimization itself keeps the carriers (tau > 0) and drops the rest
     taus = prune.train_masks(model, prompts, zeros, cfg, "cpu", log=lambda *a: None)
     assert {(s, i) for s, t in taus.items() for i in (t > 0).nonzero()[:, 0].tolist()} == CARRIERS
+
+
+def test_the_bisection_asks_the_mean_loss_plus_a_standard_error_of_the_prompts():
+    """The answer model with a bias toward answer 12: the two classes' losses differ (0.090 and 0.111,
+    mean 0.100, one standard error over 16 prompts 0.003). Asked 0.101, only the mean meets it."""
+    model, prompts = answer_model()
+    with torch.no_grad():
+        model.blocks[0].mlp.c_proj.bias[1] = 2.0
+        model.lm_head.weight.mul_(0.3)
+    for bisect_se, target, found in ((0.0, 0.101, 4), (1.0, 0.101, None), (1.0, 0.104, 4)):
+        cfg = prune.PruneConfig(target_loss=target, eval_batch_size=8, bisect_se=bisect_se)
+        assert circuit_of_ranked(model, prompts, cfg, sorted(CARRIERS, key=str))[1] == found, (bisect_se, target)
+
+
+def test_k_is_chosen_on_other_prompts_than_the_masks_learn_on(corpus, monkeypatch):
+    _, enc = corpus
+    model, cfg = tiny_model(), prune.PruneConfig(eval_batch_size=8)
+    train_prompts, eval_prompts = make_prompts("if_equals", enc, 16, 0, "train"), make_prompts("if_equals", enc, 16, 1, "train")
+    means = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
+    learned_on, chosen_on = [], []
+    monkeypatch.setattr(prune, "train_masks", lambda model, prompts, *a: learned_on.append(prompts) or
+                        prune.init_taus(model, cfg, "cpu"))
+    monkeypatch.setattr(prune, "find_circuit", lambda model, taus, batches, *a: chosen_on.append(batches) or (None, None, {}))
+    prune.search(model, train_prompts, eval_prompts, means, cfg, "cpu", log=lambda *a: None)
+    assert learned_on == [train_prompts]
+    expected = prune.make_batches(model, eval_prompts, "cpu", cfg)
+    assert len(chosen_on[0]) == len(expected) and all(torch.equal(a.idx, b.idx) for a, b in zip(chosen_on[0], expected))
+
+
+def test_checks_ablate_what_they_name_and_calibrate_on_the_bisection_prompts(corpus, monkeypatch):
+    _, enc = corpus
+    model, cfg = tiny_model(), prune.PruneConfig(calibrate=True, eval_batch_size=8)
+    eval_batches = prune.make_batches(model, make_prompts("if_equals", enc, 16, 0, "train"), "cpu", cfg)
+    test_batches = prune.make_batches(model, make_prompts("if_equals", enc, 16, 0, "test"), "cpu", cfg)
+    gen = torch.Generator().manual_seed(2)
+    means = {s: torch.randn(prune.dim_of(model, s), generator=gen) for s in prune.node_sites(model)}
+    keep = {s: (torch.rand(m.numel(), generator=gen) < 0.3).float() for s, m in means.items()}
+    fitted, fit = [], prune.fit_calibration
+    monkeypatch.setattr(prune, "fit_calibration", lambda *a: fitted.append(a) or fit(*a))
+    out = prune.checks(model, keep, eval_batches, test_batches, means, cfg)
+    loss = lambda masks: prune.task_loss(*prune.eval_logits(model, test_batches, masks, means))[0].item()
+    assert out["circuit"] == loss(keep)                                        # sufficiency: the rest ablated
+    assert out["circuit_ablated"] == loss({s: 1 - m for s, m in keep.items()})  # necessity: the circuit alone ablated
+    assert out["circuit_ablated"] != loss({s: 0 * m for s, m in keep.items()})  # not everything
+    (args,) = fitted                                                           # fit on the bisection prompts
+    assert all(torch.equal(a, b) for a, b in zip(args, prune.eval_logits(model, eval_batches, keep, means)))
 
 
 def test_length_sorted_micro_batches_give_the_batch_gradient(corpus):
