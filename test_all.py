@@ -340,6 +340,19 @@ def test_init_scales_the_output_projections_by_depth():
         assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def test_biases_start_at_0_abstopk_keeps_afrac_of_each_sites_width_and_every_matrix_is_sparsified():
+    model = GPT(tiny_config(afrac=0.25))                        # d_model 32, d_mlp 128
+    biases = [name for name, p in model.named_parameters() if name.endswith("bias")]
+    assert biases and all((p == 0).all() for name, p in model.named_parameters() if name in biases)   # [paper]
+    for name, site in model.sites.items():
+        width = 128 if site.kind == "mlp_neuron" else 32
+        assert site.k == (width // 4 if site.kind in model.config.sparse_sites else 0), name
+    sparsified = {name for name, _ in model.sparse_params()}
+    matrices = {name for name, p in model.named_parameters() if p.dim() == 2 and p is not model.bigram}
+    assert model.config.sparse_biases and sparsified == matrices | set(biases)   # the biases too, by default
+    assert {"lm_head.weight", "wte.weight"} <= sparsified                      # the embeddings and unembedding
+
+
 def test_the_attention_sink_starts_at_0_and_learns():
     torch.manual_seed(0)
     model = GPT(tiny_config())
@@ -545,6 +558,23 @@ def test_weight_decay_does_not_shrink_the_bigram_table():
         p.grad = torch.zeros_like(p)                            # no gradient: only weight decay could move it
     train.optimizer_step(model, optimizer, 5, cfg)
     assert (model.bigram == 1.0).all()
+    decay, no_decay = optimizer.param_groups                    # matrices only [paper]: not biases, gains, sinks
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() == 2 and p is not model.bigram}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == cfg.weight_decay
+    assert decay["eps"] == no_decay["eps"] == cfg.eps == 0.1    # Adam's eps as asked, not torch's 1e-8
+
+
+def test_each_step_projects_to_the_annealed_l0_of_the_next_step():
+    cfg = tiny_train_config("out/never", device="cpu", max_iters=10, anneal_start=0.0, anneal_end=1.0, l0_frac=0.25)
+    model = train.make_model(cfg)
+    optimizer = train.make_optimizer(model, cfg)
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)                        # every weight moves: all nonzero before projecting
+        _, frac = train.optimizer_step(model, optimizer, step, cfg)
+        assert frac == train.l0_at(step + 1, cfg) > cfg.l0_frac   # mid-anneal: denser than the target
+        for name, p in model.sparse_params():
+            assert int((p != 0).sum()) == target_nonzeros(p.shape, frac, model.config.min_per_channel), (step, name)
 
 
 def test_every_step_micro_step_and_rank_draws_its_own_batch():
@@ -939,6 +969,8 @@ def test_train_and_test_are_disjoint_and_a_seed_fixes_the_prompts(corpus):
         assert not {tuple(p.ids) for p in train} & {tuple(p.ids) for p in other_seed}, name
         assert tasks.make_prompts(name, enc, 40, seed=0, split="test") == test, name
         assert other_seed != test, name
+    texts = ("x = 1", "def f(", "class A:", "return {name", "import os", "for i in")   # the same in every process
+    assert [tasks.split_of(t) for t in texts] == ["train"] * 3 + ["test"] * 3        # (a crc32, not hash())
 
 
 def test_a_task_whose_answer_is_not_one_token_fails_at_construction(corpus, monkeypatch):
@@ -1466,6 +1498,15 @@ def test_checks_ablate_what_they_name_and_calibrate_on_the_bisection_prompts(cor
     assert all(torch.equal(a, b) for a, b in zip(args, prune.eval_logits(model, eval_batches, keep, means)))
 
 
+def test_the_node_penalty_counts_a_tied_q_k_pair_as_two_nodes():
+    model, prompts = answer_model()                     # attention weights all 0: no task gradient on q, k, v
+    cfg = prune.PruneConfig(steps=1, batch_size=16, lr=0.0, tau_std=0.0, tie_qk=True, k_coef=1.0)
+    zeros = {s: torch.zeros(prune.dim_of(model, s)) for s in prune.node_sites(model)}
+    taus = prune.train_masks(model, prompts, zeros, cfg, "cpu", log=lambda *a: None)
+    assert taus["0.attn.k"] is taus["0.attn.q"] and taus["0.attn.v"].grad.abs().min() > 0
+    torch.testing.assert_close(taus["0.attn.q"].grad, 2 * taus["0.attn.v"].grad)   # one mask, two nodes kept
+
+
 def test_length_sorted_micro_batches_give_the_batch_gradient(corpus):
     _, enc = corpus
     model = tiny_model()
@@ -1800,6 +1841,14 @@ def test_the_circuit_picture_puts_layer_0_at_the_bottom_and_a_neuron_over_its_ne
           for c in ET.fromstring(draw.circuit_svg(rec)).findall(f"{ns}circle")}
     assert at["0.mlp.act_in[3]"][1] > at["0.mlp.post_act[5]"][1] > at["1.attn.act_in[3]"][1]   # the flow goes up
     assert at["0.mlp.post_act[5]"][0] == at["0.mlp.act_in[7]"][0]                          # over its one neighbour
+    rec["edges"].append({"src": "0.mlp.act_in", "i": 3, "dst": "0.mlp.post_act", "j": 5, "w": -0.5})
+    colour = {l.find(f"{ns}title").text.split(":")[0]: l.get("stroke")
+              for l in ET.fromstring(draw.circuit_svg(rec)).findall(f"{ns}line") if l.find(f"{ns}title") is not None}
+    assert colour == {"0.mlp.act_in[7] -> 0.mlp.post_act[5]": "#2166ac",        # blue w > 0, as the legend says
+                      "0.mlp.act_in[3] -> 0.mlp.post_act[5]": "#b2182b"}        # red w < 0
+    rec["curve"] = [{"nodes": n, "loss": l} for n, l in ((0, 0.69), (4, 0.12), (40, 0.05))]
+    labels = [t.text for t in ET.fromstring(draw.curve_svg(rec)).iter(f"{ns}text")]
+    assert "full model 0.050" in labels and "target 0.15" in labels   # full: every node kept, the curve's last
 
 
 def test_headline_compares_only_the_tasks_every_model_solves():
