@@ -182,13 +182,17 @@ def set_up_process():
 
 def run_main(main):
     """Run main(argv) in a set-up process; a UserError becomes 'error: ...' on stderr and exit code 2,
-    and output piped into a reader that stops (`| head`) ends the run quietly, exit code 1."""
+    Ctrl-C 'interrupted' and exit code 130, and output piped into a reader that stops (`| head`) ends
+    the run quietly, exit code 1."""
     set_up_process()
     try:
         main(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:   # Ctrl-C: no traceback (train.py says what its checkpoint holds first)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:   # `| head` stopped reading: end quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's own flush at exit would fail again
         sys.exit(1)

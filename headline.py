@@ -335,6 +335,7 @@ def row_notes(r, target_loss):
 def main(argv):
     cfg = parse_args(HeadlineConfig, argv)
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
+    prune.chance_note(cfg.target_loss)
     device = resolve_device(cfg.device)
     sparse_paths, dense_paths = checkpoint_paths(cfg.sparse), checkpoint_paths(cfg.dense)
     if not sparse_paths or not dense_paths:

@@ -530,10 +530,18 @@ def geomean(edge_counts):
     return math.exp(sum(math.log(max(1, n)) for n in edge_counts) / len(edge_counts))
 
 
+def chance_note(target_loss):
+    """A target at or above chance (the two-way loss of a 50/50 guess) is met without doing the task."""
+    if target_loss >= math.log(2):
+        print(f"note: --target_loss={target_loss} is at or above chance (ln 2 = 0.693): a model that guesses meets "
+              "it, and so may an empty circuit")
+
+
 def main(argv):
     cfg = parse_args(PruneConfig, argv)
     device = resolve_device(cfg.device)
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
+    chance_note(cfg.target_loss)
     ckpt_key = checkpoint_key(cfg.ckpt)   # in every record; taken first, so a file rewritten meanwhile mismatches
     model, _, folder = load_model(cfg.ckpt, device)         # folder: the tokenizer the model was trained with
     model.requires_grad_(False)                                          # only the masks learn

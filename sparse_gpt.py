@@ -24,6 +24,7 @@ Notable features, each tied to the paper (../shared/METHOD.md section 1):
 """
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -466,6 +467,8 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except (FileNotFoundError, NotADirectoryError):   # the latter: a part of the path is a file
         raise UserError(f"checkpoint {path} does not exist")
+    except IsADirectoryError:   # a run's --out_dir
+        raise UserError(f"checkpoint {path} is a folder; pass {os.path.join(path, 'ckpt.pt')}")
     except Exception as e:
         raise UserError(f"{path} is not a sparse-circuits checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:

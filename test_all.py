@@ -14,10 +14,12 @@ import platform
 import re
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -793,6 +795,8 @@ def test_training_reaches_exact_sparsity_and_checkpoint_loads(tmp_path, corpus, 
         for load in (GPT.from_checkpoint, lambda path: tasks.load_model(path, "cpu")):
             with pytest.raises(UserError, match=rf"{name}.pt holds a model this code cannot build \((TypeError|RuntimeError)"):
                 load(str(tmp_path / f"{name}.pt"))
+    with pytest.raises(UserError, match=rf"checkpoint {tmp_path / 'run'} is a folder; pass {tmp_path / 'run' / 'ckpt.pt'}"):
+        tasks.load_model(str(tmp_path / "run"), "cpu")        # the run's --out_dir, not its checkpoint
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
@@ -812,7 +816,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, corpus):
     assert os.path.isabs(saved["data"]) and saved["tokenizer"] == data.tokenizer_id(saved["data"])
 
 
-def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, corpus):
+def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, corpus, capsys):
     train.train(tiny_train_config(tmp_path / "cut", stop_iter=3))
     resume = [f"--out_dir={tmp_path / 'cut'}", "--resume=True"]
     ckpt = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
@@ -836,7 +840,11 @@ def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, cor
         with pytest.raises(UserError, match=rf"--resume cannot change the model or bridge shape \({change[2:].split('=')[0]}\)"):
             train.config_from_args(resume + [change])
     changed = train.config_from_args(resume + ["--weight_decay=0", "--eps=1e-8", "--beta2=0.99", "--max_iters=4"])
+    capsys.readouterr()
     train.train(changed)                                     # the optimizer runs with the settings asked, not the saved
+    assert re.search(r"note: --max_iters=4, the run's was 6: the L0 anneal and the learning rate follow the new length "
+                     r"\(at step 3: L0 [\d.]+, lr [\d.e+-]+, where the run was at L0 [\d.]+, lr [\d.e+-]+\); not its "
+                     "continuation", capsys.readouterr().out)
     decay, no_decay = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
     assert [(g["weight_decay"], g["eps"], g["betas"]) for g in (decay, no_decay)] == [(0.0, 1e-8, (0.9, 0.99))] * 2
     torch.save({**ckpt, "train_config": {**ckpt["train_config"], "abstopk_by": "bisection"}}, tmp_path / "cut" / "ckpt.pt")
@@ -881,6 +889,27 @@ def test_a_diverging_run_stops_without_saving_a_nan_model(tmp_path, corpus, monk
     assert torch.load(tmp_path / "late" / "ckpt.pt", weights_only=False)["step"] == 3
 
 
+def test_ctrl_c_says_what_the_checkpoint_holds_and_how_to_go_on(tmp_path, corpus, monkeypatch, capsys):
+    args = [f"--out_dir={tmp_path / 'run'}", "--max_iters=100000", "--eval_interval=100000", "--batch_size=2",
+            "--block_size=32", "--n_layer=1", "--d_model=32", "--sample_tokens=0", "--eval_task=", "--device=cpu"]
+    run = subprocess.Popen([sys.executable, "train.py", *args], cwd=HERE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    while "model:" not in run.stdout.readline():                      # training has started
+        assert run.poll() is None, run.stderr.read()
+    time.sleep(1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in err
+    assert err.strip() == "interrupted; no checkpoint yet (one every --eval_interval=100000 steps)"
+    train.train(tiny_train_config(tmp_path / "cut", stop_iter=3))    # a checkpoint at step 3, then Ctrl-C
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as stop:
+        train.main([f"--out_dir={tmp_path / 'cut'}", "--resume=True"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted; {tmp_path / 'cut' / 'ckpt.pt'} holds step 3: continue "
+                                               f"with --out_dir={tmp_path / 'cut'} --resume=True")
+
+
 def test_a_seed_as_large_as_a_timestamp_still_draws_batches():
     cfg = tiny_train_config("out/never", seed=1_700_000_000)
     x, y = train.batch_for(torch.arange(1000), 5, 0, cfg)
@@ -909,6 +938,15 @@ def test_a_context_shorter_than_every_eval_task_prompt_is_refused_before_trainin
                                         r"\(the shortest has \d+ tokens\); pass --eval_task= for no task loss"):
         train.train(tiny_train_config(tmp_path / "short", block_size=8))   # else its task loss would silently vanish
     assert not (tmp_path / "short").exists()
+
+
+def test_an_eval_task_the_corpus_cannot_pose_names_the_way_out(tmp_path, corpus, monkeypatch):
+    def unposable(name, *a, **k):                     # as on a corpus whose tokenizer splits the answer
+        raise UserError(f"task {name}: answer '\")' (['\"', ')'] alone) is not one token after the prompt")
+    monkeypatch.setattr(train.tasks, "make_prompts", unposable)
+    with pytest.raises(UserError, match=r"not one token after the prompt; pass --eval_task= to train without a task "
+                                        "loss, or another task"):
+        train.train(tiny_train_config(tmp_path / "own"))
 
 
 def test_gradient_accumulation_reports_the_mean_loss_not_the_sum(tmp_path, corpus, monkeypatch):
@@ -1616,6 +1654,16 @@ def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, caps
     prune.main(fast_args(tiny_ckpt, tmp_path / "s1", "--target_loss=0.8", "--task=for_while", "--seed=1"))
     other = json.loads(open_text(tmp_path / "s1" / "for_while.json"))  # another search, the same test set
     assert other["losses"]["full"] == rec["losses"]["full"] and other["settings"]["seed"] == 1
+
+
+def test_a_target_at_or_above_chance_gets_a_note_in_prune_and_headline(tiny_ckpt, tmp_path, capsys):
+    prune.chance_note(0.6)
+    assert capsys.readouterr().out == ""
+    prune.main(fast_args(tiny_ckpt, tmp_path / "c", "--target_loss=0.8", "--task=for_while", "--steps=1"))
+    assert "note: --target_loss=0.8 is at or above chance (ln 2 = 0.693)" in capsys.readouterr().out
+    with pytest.raises(UserError):                                   # headline notes it before anything else
+        headline.main([f"--sparse={tiny_ckpt}", "--dense=", "--target_loss=0.7"])
+    assert "note: --target_loss=0.7 is at or above chance" in capsys.readouterr().out
 
 
 def run_prune(*args):

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -336,7 +337,8 @@ def resumed_config(cls, argv, saved, fixed_keys, ckpt_path):
     if changed:
         raise UserError(f"--resume cannot change the model or bridge shape ({', '.join(changed)}) of {ckpt_path}")
     if saved["step"] >= (cfg.stop_iter or cfg.max_iters):
-        limit = f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters} (raise it to train on)"
+        limit = (f"--stop_iter={cfg.stop_iter}" if cfg.stop_iter else f"max_iters={cfg.max_iters} (raise it to "
+                 "train on; the L0 anneal and the learning rate then follow the new length)")
         raise UserError(f"{ckpt_path} is already at step {saved['step']}; nothing to do up to {limit}")
     return cfg
 
@@ -399,7 +401,10 @@ def train(cfg):
             raise UserError(f"the {split} split of {cfg.data_dir or data.default_data_dir()} has {len(tokens)} tokens, "
                             f"too few for --block_size={cfg.block_size} (needs {cfg.block_size + 2}): give a folder "
                             "with more .py files" + (" or a smaller --block_size" if len(tokens) >= 3 else ""))
-    prompts = tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test") if cfg.eval_task else []
+    try:
+        prompts = tasks.make_prompts(cfg.eval_task, enc, 128, seed=0, split="test") if cfg.eval_task else []
+    except UserError as e:   # e.g. a corpus of its own whose tokenizer splits the task's answer
+        raise UserError(f"{e}; pass --eval_task= to train without a task loss, or another task")
     task_prompts = [p for p in prompts if len(p.ids) <= cfg.block_size]   # a short context sees fewer
     if prompts and not task_prompts:
         raise UserError(f"--block_size={cfg.block_size} is shorter than every {cfg.eval_task} test prompt (the "
@@ -417,6 +422,11 @@ def train(cfg):
             scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
         log(f"resuming {ckpt_path} at step {start}")
+        was = dataclasses.replace(cfg, max_iters=ckpt["train_config"]["max_iters"])
+        if was.max_iters != cfg.max_iters:   # both schedules are fractions of max_iters
+            log(f"note: --max_iters={cfg.max_iters}, the run's was {was.max_iters}: the L0 anneal and the learning "
+                f"rate follow the new length (at step {start}: L0 {l0_at(start, cfg):.4f}, lr {lr_at(start, cfg):.2e}, "
+                f"where the run was at L0 {l0_at(start, was):.4f}, lr {lr_at(start, was):.2e}); not its continuation")
     elif master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     if master:
@@ -503,7 +513,15 @@ def main(argv):
     cfg = config_from_args(argv)
     why = "asked for" if preset_asked(argv) else ("CUDA found" if cfg.preset == "gpu" else "no CUDA")
     print(f"preset {cfg.preset} ({why})\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:   # Ctrl-C: say what is on disk and how to go on, not a traceback
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        saved = (f"{path} holds step {load_checkpoint(path)['step']}: continue with --out_dir={cfg.out_dir} "
+                 "--resume=True" if os.path.exists(path) else f"no checkpoint yet (one every --eval_interval="
+                 f"{cfg.eval_interval} steps)")
+        print(f"interrupted; {saved}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
