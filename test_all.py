@@ -923,7 +923,7 @@ def test_torchrun_two_cpu_processes_hold_identical_weights(tmp_path, corpus):
                              "train.py", "--preset=cpu", *args], cwd=HERE, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ddp: weights identical on all 2 ranks" in result.stdout
-    assert "2 process(es)" in result.stdout
+    assert "2 process(es)" in result.stdout and result.stdout.count("settings: ") == 1   # rank 0 speaks
     cfg = train.config_from_args(["--preset=cpu", *args[1:], f"--out_dir={tmp_path / 'unused'}", "--device=cpu"])
     torch.manual_seed(cfg.seed)
     model = train.make_model(cfg)                                     # each rank's model before its first step

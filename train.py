@@ -512,7 +512,8 @@ def train(cfg):
 def main(argv):
     cfg = config_from_args(argv)
     why = "asked for" if preset_asked(argv) else ("CUDA found" if cfg.preset == "gpu" else "no CUDA")
-    print(f"preset {cfg.preset} ({why})\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun: once, not once per process
+        print(f"preset {cfg.preset} ({why})\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
     try:
         train(cfg)
     except KeyboardInterrupt:   # Ctrl-C: say what is on disk and how to go on, not a traceback
