@@ -157,15 +157,14 @@ def peak_rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def time_in_turns(variants, steps, rounds, warmup, each_round=lambda: None):
+def time_in_turns(variants, steps, rounds, warmup, each_round):
     """{name: (TrainConfig, keep_memory)} -> ({name: ms/step of each round, tokens/s, projection_ms,
     peak_mem_mb}, [each_round() of each round]). Each variant is built and warmed up once, in its own
     process (spawned, so CUDA works); then, round after round, each times its share of the steps in
     turn while the rest wait, and then this process runs each_round (bench_shape: the matmul peak).
     A shared machine speeds up and slows down by tens of percent within minutes: taken in turns, that
     moves every variant of a round alike, and a ratio is taken within each round."""
-    context, workers = multiprocessing.get_context("spawn"), {}
-    rounds = min(rounds, steps)
+    context, workers = multiprocessing.get_context("spawn"), {}   # rounds <= steps (bench.py's main sees to it)
     shares = [steps // rounds + (r < steps % rounds) for r in range(rounds)]   # 10 in 4: 3, 3, 2, 2
     try:
         for name, (cfg, keep_memory) in variants.items():
@@ -250,7 +249,11 @@ def matmul_peak(device, dtype):
     n, dtype = (2048 if device == "cpu" else 8192), getattr(torch, dtype)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     reps = max(3, int(0.5 / seconds_per_call(lambda: a @ b, 1, device)))    # about half a second
-    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, device)
+    flops = 2 * n ** 3 / seconds_per_call(lambda: a @ b, reps, device)
+    del a, b
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()      # timed between the steps' turns: hand the memory back to the variants
+    return flops
 
 
 @torch.no_grad()
@@ -264,7 +267,7 @@ def hook_overhead(cfg, reps, rounds):
     with autocast_for(cfg):
         for r in range(rounds):
             for name in list(forwards)[::1 if r % 2 == 0 else -1]:
-                ms[name].append(seconds_per_call(forwards[name], max(1, reps // rounds), cfg.device) * 1e3)
+                ms[name].append(seconds_per_call(forwards[name], reps // rounds, cfg.device) * 1e3)
     return median(ms["plain"]), median(ms["recorded"])
 
 
@@ -324,11 +327,13 @@ def bench_shape(shape, bc, device):
     for name, r in runs.items():
         print(f"  {shape} {name:<18} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:9.0f} tok/s "
               f"{r['peak_mem_mb']:8.0f} MB   rounds: {' '.join(f'{ms:.0f}' for ms in r['ms_per_round'])}")
-    print(f"  matmul peak {median(peaks) / 1e9:.0f} GFLOP/s ({dtype}; rounds {' '.join(f'{p / 1e9:.0f}' for p in peaks)})")
+    print(f"  matmul peak {median(peaks) / 1e9:.0f} GFLOP/s ({dtype}; by round: "
+          f"{' '.join(f'{p / 1e9:.0f}' for p in peaks)})")
     model = GPT(sparse.model_config()).to(device)
     fpt = flops_per_token(model, sparse.block_size)
-    for r in runs.values():   # each round's tokens/s against the peak measured in that round, as the ratios
-        r["mfu"] = median(fpt * batch * sparse.block_size / (ms / 1e3) / peak for ms, peak in zip(r["ms_per_round"], peaks))
+    flops_per_step = fpt * batch * sparse.block_size
+    for r in runs.values():   # each round's steps against the peak measured in that round, as the ratios are
+        r["mfu"] = median(flops_per_step / (ms / 1e3) / peak for ms, peak in zip(r["ms_per_round"], peaks))
     frac = l0_at(sparse.max_iters, sparse)
     ours = projection_seconds(model, lambda: model.project_weights(frac), bc.steps, device)   # on dense weights
     naive = projection_seconds(model, lambda: naive_project(model, frac), bc.steps, device)
@@ -340,7 +345,8 @@ def bench_shape(shape, bc, device):
     radix, topk = ("sparse", "sparse_topk") if sparse.abstopk_by == "radix" else ("sparse_radix", "sparse")
     s = runs["sparse"]["ms_per_step"]
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
-            "matmul_peak_flops": median(peaks), "matmul_peak_rounds": peaks, "runs": runs, "sparse_over_dense_step": ratio("sparse", "dense"),
+            "matmul_peak_flops": median(peaks), "matmul_peak_rounds": peaks, "runs": runs,
+            "sparse_over_dense_step": ratio("sparse", "dense"),
             "sparse_over_dense_rounds": per_round("sparse", "dense"),
             "projection_share": runs["sparse"]["projection_ms"] / s,
             "abstopk_share": max(0.0, 1 - ratio("sparse_no_abstopk", "sparse")),   # (sparse - no AbsTopK) / sparse
@@ -355,10 +361,10 @@ def bench_shape(shape, bc, device):
 
 def main(argv):
     bc = parse_args(BenchConfig, argv)
-    print("settings: " + json.dumps(dataclasses.asdict(bc)))
     if bc.rounds > bc.steps:          # a round times at least one step of each variant
         print(f"note: --rounds={bc.rounds} is more than --steps={bc.steps}: {bc.steps} round(s) of one step")
         bc.rounds = bc.steps
+    print("settings: " + json.dumps(dataclasses.asdict(bc)))
     device = resolve_device(bc.device)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     print(f"device {name}")

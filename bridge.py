@@ -344,7 +344,7 @@ def train_bridges(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(settings, indent=1))   # as train.py does
     print(f"dense {cfg.dense}: d_model {dense.config.d_model}; sparse: d_model {sparse.config.d_model}, "
-          f"L0 {cfg.l0_frac:g}, AbsTopK {abstopk_setting(sparse, cfg.afrac)}; {len(bridges.sites)} bridge sites")
+          f"L0 {cfg.l0_frac:g}, AbsTopK {abstopk_setting(sparse.config)}; {len(bridges.sites)} bridge sites")
 
     tokens_per_step, t0, saved_step = cfg.batch_size * cfg.block_size, time.time(), start
     t_log, steps_since = t0, start   # for the rate since the last progress line

@@ -190,7 +190,7 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:   # Ctrl-C: no traceback (train.py says what its checkpoint holds first)
+    except KeyboardInterrupt:   # Ctrl-C: no traceback (train.py's main says what its checkpoint holds instead)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:   # `| head` stopped reading: end quietly, as other command-line tools do

@@ -13,6 +13,7 @@ decoupled weight decay on matrices, then the weight top-k projection at the anne
 The learning rate follows the "sharkfin": warmup, linear decay, times sqrt(L0_target / L0_now).
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -144,6 +145,7 @@ PRESETS = {
                 dtype="bfloat16", compile=True, abstopk_by="radix"),   # radix: 0.59-0.65x the step with topk on an H200
 }
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]   # block_size among them
+SCHEDULE_KEYS = ("max_iters", "l0_frac", "anneal_start", "anneal_end", "learning_rate", "warmup_frac")   # l0_at, lr_at
 
 # -----------------------------------------------------------------------------
 # schedules (METHOD.md section 2)
@@ -272,9 +274,9 @@ def sparsity_report(model, frac):
     return exact, params, fewest, nonzeros / numel
 
 
-def abstopk_setting(model, afrac):
+def abstopk_setting(config):
     """AbsTopK as a start line names it: its fraction, or off (afrac 1, or no sparse_sites)."""
-    return f"{afrac:g}" if model.config.abstopk_widths() else "off"
+    return f"{config.afrac:g}" if config.abstopk_widths() else "off"
 
 
 def is_dense(train_config):
@@ -422,10 +424,13 @@ def train(cfg):
             scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
         log(f"resuming {ckpt_path} at step {start}")
-        was = dataclasses.replace(cfg, max_iters=ckpt["train_config"]["max_iters"])
-        if was.max_iters != cfg.max_iters:   # both schedules are fractions of max_iters
-            log(f"note: --max_iters={cfg.max_iters}, the run's was {was.max_iters}: the L0 anneal and the learning "
-                f"rate follow the new length (at step {start}: L0 {l0_at(start, cfg):.4f}, lr {lr_at(start, cfg):.2e}, "
+        saved, was = ckpt["train_config"], copy.copy(cfg)   # was: the schedules as the run had them
+        changed = [key for key in SCHEDULE_KEYS if saved.get(key, getattr(cfg, key)) != getattr(cfg, key)]
+        for key in changed:   # set, not dataclasses.replace: that would check the mix of old and new anew
+            setattr(was, key, saved[key])
+        if changed:
+            log(f"note: {', '.join(f'--{k}={getattr(cfg, k)}' for k in changed)} changed on resume: the L0 anneal and "
+                f"learning rate follow them (at step {start}: L0 {l0_at(start, cfg):.4f}, lr {lr_at(start, cfg):.2e}, "
                 f"where the run was at L0 {l0_at(start, was):.4f}, lr {lr_at(start, was):.2e}); not its continuation")
     elif master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -433,7 +438,7 @@ def train(cfg):
         write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(settings, indent=1))
     n_sparse = sum(p.numel() for _, p in model.sparse_params())
     log(f"model: {model.num_params():,} parameters, {n_sparse:,} sparsifiable; target L0 {cfg.l0_frac:g}, "
-        f"AbsTopK {abstopk_setting(model, cfg.afrac)}; {world} process(es) on {cfg.device}")
+        f"AbsTopK {abstopk_setting(model.config)}; {world} process(es) on {cfg.device}")
     if cfg.dtype != "float32" and not cfg.device.startswith("cuda"):
         log(f"note: --dtype={cfg.dtype} is autocast on CUDA only; on {cfg.device} this run computes in float32")
 
@@ -521,7 +526,8 @@ def main(argv):
         saved = (f"{path} holds step {load_checkpoint(path)['step']}: continue with --out_dir={cfg.out_dir} "
                  "--resume=True" if os.path.exists(path) else f"no checkpoint yet (one every --eval_interval="
                  f"{cfg.eval_interval} steps)")
-        print(f"interrupted; {saved}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"interrupted; {saved}", file=sys.stderr)
         sys.exit(130)
 
 
