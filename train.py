@@ -517,16 +517,17 @@ def train(cfg):
 def main(argv):
     cfg = config_from_args(argv)
     why = "asked for" if preset_asked(argv) else ("CUDA found" if cfg.preset == "gpu" else "no CUDA")
-    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun: once, not once per process
+    master = int(os.environ.get("RANK", "0")) == 0   # under torchrun: rank 0 speaks for every process
+    if master:
         print(f"preset {cfg.preset} ({why})\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
     try:
         train(cfg)
     except KeyboardInterrupt:   # Ctrl-C: say what is on disk and how to go on, not a traceback
         path = os.path.join(cfg.out_dir, "ckpt.pt")
-        saved = (f"{path} holds step {load_checkpoint(path)['step']}: continue with --out_dir={cfg.out_dir} "
-                 "--resume=True" if os.path.exists(path) else f"no checkpoint yet (one every --eval_interval="
-                 f"{cfg.eval_interval} steps)")
-        if int(os.environ.get("RANK", "0")) == 0:
+        if master:
+            saved = (f"{path} holds step {load_checkpoint(path)['step']}: continue with --out_dir={cfg.out_dir} "
+                     "--resume=True" if os.path.exists(path) else f"no checkpoint yet (one every --eval_interval="
+                     f"{cfg.eval_interval} steps)")
             print(f"interrupted; {saved}", file=sys.stderr)
         sys.exit(130)
 
