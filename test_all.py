@@ -761,9 +761,26 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pat
     def save_half(obj, f):
         f.write(b"half")
         raise OSError("disk full")
+    save = torch.save
     monkeypatch.setattr(torch, "save", save_half)
+    optimizer = train.make_optimizer(model, tiny_train_config(tmp_path))
     with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint(path, model, train.make_optimizer(model, tiny_train_config(tmp_path)), None, 1, {}, {})
+        train.save_checkpoint(path, model, optimizer, None, 1, {}, {})
+    assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+    class CtrlCAfter1kB:                                       # Ctrl-C while torch.save writes
+        def __init__(self, f):
+            self.f, self.n = f, 0
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+        def flush(self):
+            self.f.flush()
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, CtrlCAfter1kB(f)))
+    with pytest.raises(KeyboardInterrupt):                     # not torch's "unexpected pos" RuntimeError
+        train.save_checkpoint(path, model, optimizer, None, 1, {}, {})
     assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 

@@ -303,7 +303,12 @@ def save_checkpoint(path, model, optimizer, scaler, step, settings, extra):
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "train_config": settings, "model_config": dataclasses.asdict(model.config), **extra}
     with atomic_file(path, "wb") as f:
-        torch.save(ckpt, f)
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError as e:   # Ctrl-C inside torch.save comes out as its zip writer's error
+            if isinstance(e.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
 
 # -----------------------------------------------------------------------------
 # configuration from the command line
