@@ -188,7 +188,6 @@ def checkpoint_key(path):
     return [os.path.abspath(path), st.st_mtime_ns, st.st_size]
 
 
-@torch.no_grad()
 def pretraining_means(model, ckpt_path, folder, cfg, device):
     """Mean of every node over pretraining tokens, after AbsTopK (what the hook sees), cached in
     out_dir/means/ under a key of the checkpoint's path and mtime and the sample. -> (means, path)"""
@@ -196,30 +195,31 @@ def pretraining_means(model, ckpt_path, folder, cfg, device):
     path = os.path.join(cfg.out_dir, "means", hashlib.sha256(repr(key).encode()).hexdigest()[:16] + ".pt")
     if os.path.exists(path):
         return torch.load(path, map_location=device), path
-    tokens, gen, sums = data.load_tokens(folder, "train"), torch.Generator().manual_seed(cfg.seed), {}
-    for _ in range(cfg.mean_batches):
-        x, _ = data.get_batch(tokens, cfg.mean_batch_size, model.config.block_size, gen)
-        _, cache = model.run_with_cache(x.to(device), node_sites(model))
-        for name, act in cache.items():                                      # (B, T, dim)
-            sums[name] = sums.get(name, 0) + act.double().sum((0, 1))
-    count = cfg.mean_batches * cfg.mean_batch_size * model.config.block_size
-    means = {name: (s / count).float() for name, s in sums.items()}
+    tokens, gen = data.load_tokens(folder, "train"), torch.Generator().manual_seed(cfg.seed)
+    batches = (data.get_batch(tokens, cfg.mean_batch_size, model.config.block_size, gen)[0].to(device)
+               for _ in range(cfg.mean_batches))
+    means = node_means(model, ((x, torch.ones_like(x, dtype=torch.bool)) for x in batches))   # every token
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_file(path, "wb") as f:                 # headline.py --jobs may write it from two processes
         torch.save(means, f)
     return means, path
 
 
-@torch.no_grad()
 def task_means(model, batches):
     """Mean of every node over all positions (not the padding) of the task's prompts."""
+    return node_means(model, ((b.idx, torch.arange(b.idx.size(1), device=b.idx.device)[None, :] <= b.last[:, None])
+                              for b in batches))
+
+
+@torch.no_grad()
+def node_means(model, inputs):
+    """{node site: mean over the positions marked} for inputs of (idx (B, T), marked (B, T) bools)."""
     sums, count = {}, 0
-    for b in batches:
-        valid = torch.arange(b.idx.size(1), device=b.idx.device)[None, :] <= b.last[:, None]   # (B, T)
-        _, cache = model.run_with_cache(b.idx, node_sites(model))
-        for name, act in cache.items():
-            sums[name] = sums.get(name, 0) + act[valid].double().sum(0)
-        count += int(valid.sum())
+    for idx, marked in inputs:
+        _, cache = model.run_with_cache(idx, node_sites(model))
+        for name, act in cache.items():                                      # (B, T, dim)
+            sums[name] = sums.get(name, 0) + act[marked].double().sum(0)
+        count += int(marked.sum())
     return {name: (s / count).float() for name, s in sums.items()}
 
 # -----------------------------------------------------------------------------
