@@ -7,7 +7,9 @@ The Python-code corpus, our 2048-token byte-level BPE (served by tiktoken), and 
 Corpus: every .py file under the running interpreter's standard library (site-packages left
 out), in sorted path order, documents joined by <|endoftext|>. About 2% of files, picked by a
 hash of their path, form the validation split. The tokenizer is trained on a deterministic sample
-of the training files, written as a tiktoken ranks file, and loaded into tiktoken.Encoding.
+of the training files, written as a tiktoken ranks file, and loaded into tiktoken.Encoding. It
+holds every task answer (tasks.py) as one token: where a corpus leaves some split, BPE learns
+them first (other Pythons' standard libraries; ours holds them all, so nothing changes for it).
 Everything lives in out/data/<key>/, where key hashes the inputs; a change of inputs rebuilds.
 """
 
@@ -177,13 +179,35 @@ def read_ranks(path):
         return {base64.b64decode(t): int(r) for t, r in (line.split() for line in f if line.strip())}
 
 
+def encoding(ranks):
+    return tiktoken.Encoding(name="sparse_circuits_py2048", pat_str=SPLIT_PATTERN,
+                             mergeable_ranks=ranks, special_tokens={EOT: VOCAB_SIZE - 1})
+
+
 def make_encoding(ranks_path):
     ranks = read_ranks(ranks_path)
     if len(ranks) != VOCAB_SIZE - 1:
         raise UserError(f"{ranks_path} has {len(ranks)} tokens, not {VOCAB_SIZE - 1}: "
                         "the data folder holds too little text to train the tokenizer")
-    return tiktoken.Encoding(name="sparse_circuits_py2048", pat_str=SPLIT_PATTERN,
-                             mergeable_ranks=ranks, special_tokens={EOT: VOCAB_SIZE - 1})
+    return encoding(ranks)
+
+
+def task_answers():
+    import tasks   # here, not at the top: tasks.py imports this module
+    return tasks.answers()
+
+
+def learn_tokenizer(chunks):
+    """BPE ranks of the corpus' chunks that hold every task answer (tasks.answers) as one token. A
+    corpus that leaves some split (another Python's standard library: ` config`, `]]`) is learned
+    again with every answer counted as often as all its chunks together, so that BPE merges them
+    first (the split ones alone would move other merges and could split another answer).
+    -> (ranks, the answers the corpus left split)"""
+    ranks, answers = train_bpe(chunks), task_answers()
+    split = [a for a in answers if len(encoding(ranks).encode_ordinary(a)) > 1]
+    if split:
+        ranks = train_bpe(chunks + Counter(dict.fromkeys(answers, sum(chunks.values()))))
+    return ranks, split
 
 # -----------------------------------------------------------------------------
 # the cache: tokenizer and token bins
@@ -191,7 +215,7 @@ def make_encoding(ranks_path):
 def cache_key(data_dir, files, cfg):
     h = hashlib.sha256()   # data_dir too: the validation split hashes paths relative to it
     h.update(json.dumps([SPLIT_PATTERN, VOCAB_SIZE, cfg.tokenizer_sample_bytes, cfg.val_every,
-                         os.path.realpath(data_dir)]).encode())
+                         os.path.realpath(data_dir), task_answers()]).encode())
     with open(__file__, "rb") as f:   # this code makes the tokenizer and the split: an edit builds anew
         h.update(f.read())
     for path in files:
@@ -233,15 +257,17 @@ def prepare(cfg=None, verbose=True):
     splitter, chunks = regex.compile(SPLIT_PATTERN), Counter()
     for p in train_files[::stride]:
         chunks.update(splitter.findall(read_text(p)))
-    ranks, ranks_path = train_bpe(chunks), os.path.join(folder, "tokenizer.tiktoken")
+    (ranks, learned), ranks_path = learn_tokenizer(chunks), os.path.join(folder, "tokenizer.tiktoken")
     if len(ranks) != VOCAB_SIZE - 1:   # too few distinct pairs left to merge
         raise UserError(f"data_dir={data_dir} holds too little text to train a {VOCAB_SIZE}-token tokenizer "
                         f"({len(ranks) + 1} learned): give a folder with more .py files")
     write_ranks(ranks, ranks_path)
     enc = make_encoding(ranks_path)
     if verbose:
-        print(f"data: {len(files)} files in {data_dir}; tokenizer trained in {time.time() - t0:.1f}s")
-    meta = {"data_dir": data_dir, "files": len(files), "val_files": len(val_files), "tokenizer": tokenizer_id(folder)}
+        print(f"data: {len(files)} files in {data_dir}; tokenizer trained in {time.time() - t0:.1f}s"
+              + (f" (again, to hold the task answers {', '.join(map(repr, learned))})" if learned else ""))
+    meta = {"data_dir": data_dir, "files": len(files), "val_files": len(val_files), "tokenizer": tokenizer_id(folder),
+            "answers_learned": learned}
     for split, paths in (("train", train_files), ("val", val_files)):
         docs = enc.encode_ordinary_batch([read_text(p) for p in paths])
         ids = np.fromiter((t for d in docs for t in d + [enc.eot_token]), dtype=np.uint16)

@@ -10,7 +10,8 @@ loss, evaluation, and the bracket-counting context-dilution probe.
 
 A task is a function (rng, label) -> (prompt, correct answer, alternative answer): label 0 or 1
 picks which of its two classes to draw, so a prompt set alternates them and is exactly balanced.
-Both answers must be single tokens of our tokenizer, and the prompt must end where the tokenizer
+Both answers must be single tokens of our tokenizer (data.py's BPE learns each one, whatever the
+corpus; WORD_STARTS are answered by their first token), and the prompt must end where the tokenizer
 would split it from the answer: make_prompts checks this for every prompt and raises at once if
 not. A prompt's split (train or test) is a hash of its text, so the splits never share a prompt.
 A model whose context (block_size) is shorter than a task's longest prompt is not asked that task:
@@ -20,6 +21,7 @@ with: the data folder its checkpoint records.
 To add a task: write one function next to the others and add it to TASKS.
 """
 
+import functools
 import random
 import zlib
 from collections import namedtuple
@@ -326,12 +328,12 @@ def lambda_func(rng, label):
 
 
 def enumerate_range(rng, label):
-    """`for i, x in` goes on with ` en` (of ` enumerate`), `for i in` with ` range`.
+    """`for i, x in` goes on with ` enumerate`, `for i in` with ` range`: the first token of each.
     for i, line in  ->  ` en` | ` range`   (our ` enumerate` is ` en` `um` `er` `ate`)"""
     text, ind = head(rng)
     i, x = rng.choice(("i", "n", "idx", "index", "pos", "lineno", "j", "k")), rng.choice(NAMES)
     target = f"{i}, {x}" if label == 0 else i
-    return f"{text}{' ' * ind}for {target} in", *pick(label, " en", " range")
+    return f"{text}{' ' * ind}for {target} in", *pick(label, " enumerate", " range")
 
 
 def final_kwarg(rng, label):
@@ -373,6 +375,17 @@ TASKS = {f.__name__: f for f in (
 
 Prompt = namedtuple("Prompt", "ids correct alt label")   # prompt token ids, answer token ids, class 0/1
 MAX_PROMPT_TOKENS = 255                                  # prompt + answer fit block_size 256
+# answers whose first token is the answer: the tokenizer splits a word as its corpus taught it (ours
+# ` en` `um` `er` `ate`, Python 3.12's ` enum` `er` `ate`), and the model predicts that first piece
+WORD_STARTS = (" enumerate",)
+
+
+@functools.cache
+def answers():
+    """Every answer the tasks ask for as one token (all but WORD_STARTS), read off 200 drawn prompts
+    of each class of each task: data.py makes each one a token where its corpus leaves one split."""
+    drawn = {a for task in TASKS.values() for i in range(400) for a in task(random.Random(f"answers/{i}"), i % 2)[1:]}
+    return tuple(sorted(drawn - set(WORD_STARTS)))
 
 
 def get_task(name):
@@ -388,7 +401,8 @@ def split_of(prompt):
 
 def encode_example(enc, name, prompt, correct, alt):
     """(prompt ids, correct id, alt id). Raises unless each answer is one token that the tokenizer
-    would also split off from prompt + answer (else the model never sees that token there)."""
+    would also split off from prompt + answer (else the model never sees that token there); of an
+    answer in WORD_STARTS, its first token, which must differ from the other answer's."""
     ids = enc.encode_ordinary(prompt)
     if len(ids) > MAX_PROMPT_TOKENS:
         raise UserError(f"task {name}: a prompt of {len(ids)} tokens (at most {MAX_PROMPT_TOKENS})")
@@ -397,11 +411,14 @@ def encode_example(enc, name, prompt, correct, alt):
     answer_ids = []
     for answer in (correct, alt):
         full = enc.encode_ordinary(prompt + answer)
-        if len(full) != len(ids) + 1 or full[:len(ids)] != ids:
+        one_token = len(full) == len(ids) + 1 or answer in WORD_STARTS and len(full) > len(ids)
+        if full[:len(ids)] != ids or not one_token:
             pieces = [enc.decode([t]) for t in enc.encode_ordinary(answer)]
             raise UserError(f"task {name}: answer {answer!r} ({pieces} alone) is not one token after the "
                             f"prompt ending {prompt[-30:]!r} (a tokenizer of another corpus?)")
-        answer_ids.append(full[-1])
+        answer_ids.append(full[len(ids)])
+    if answer_ids[0] == answer_ids[1]:
+        raise UserError(f"task {name}: answers {correct!r} and {alt!r} begin with the same token")
     return ids, answer_ids[0], answer_ids[1]
 
 
