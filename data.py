@@ -265,7 +265,7 @@ def prepare(cfg=None, verbose=True):
     enc = make_encoding(ranks_path)
     if verbose:
         print(f"data: {len(files)} files in {data_dir}; tokenizer trained in {time.time() - t0:.1f}s"
-              + (f" (again, to hold the task answers {', '.join(map(repr, learned))})" if learned else ""))
+              + (f" (twice: this corpus split the task answers {', '.join(map(repr, learned))})" if learned else ""))
     meta = {"data_dir": data_dir, "files": len(files), "val_files": len(val_files), "tokenizer": tokenizer_id(folder),
             "answers_learned": learned}
     for split, paths in (("train", train_files), ("val", val_files)):
