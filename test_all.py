@@ -2155,6 +2155,24 @@ def test_bridge_training_keeps_the_dense_model_frozen_and_writes_a_normal_checkp
     before, edited = map(float, re.search(r"logit difference \(correct - other\) (\S+) before, (\S+) edited",
                                           capsys.readouterr().out).groups())
     assert edited != before                                                          # the value edited, not the change
+    cfg, channel = tiny_bridge_config(tmp_path / "b", tiny_dense), result["channel"]  # the same, computed here:
+    sparse, site = GPT.from_checkpoint(str(tmp_path / "b" / "ckpt.pt")).eval(), "0.resid_mid"
+    prompts = tasks.make_prompts(cfg.steer_task, data.get_encoding(data.data_folder(torch.load(
+        tmp_path / "b" / "ckpt.pt", weights_only=False))), 8, cfg.seed, "test")
+    source = [sparse.run_with_cache(torch.tensor([p.ids]), site)[1][site][0, :, channel] for p in prompts if p.label]
+    mean_at = [statistics.mean(a[-1 - j].item() for a in source if len(a) > j) for j in range(max(map(len, source)))]
+    diffs = {}
+    for p in (p for p in prompts if p.label == 0):
+        for name, fn in (("before", lambda x, n: x), ("edited", lambda x, n: edit(x))):
+            def edit(x):      # channel `channel` at offset j from the end <- the source class's mean there
+                x = x.clone()
+                for j in range(min(len(p.ids), len(mean_at))):
+                    x[0, -1 - j, channel] = mean_at[j]
+                return x
+            with torch.no_grad(), sparse.hooks({site: fn}):
+                logits = sparse(torch.tensor([p.ids]))[0][0, -1]
+            diffs.setdefault(name, []).append((logits[p.correct] - logits[p.alt]).item())
+    assert (before, edited) == pytest.approx((statistics.mean(diffs["before"]), statistics.mean(diffs["edited"])), abs=1e-3)
 
 
 def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
