@@ -2163,16 +2163,17 @@ def test_bridge_training_keeps_the_dense_model_frozen_and_writes_a_normal_checkp
     mean_at = [statistics.mean(a[-1 - j].item() for a in source if len(a) > j) for j in range(max(map(len, source)))]
     diffs = {}
     for p in (p for p in prompts if p.label == 0):
-        for name, fn in (("before", lambda x, n: x), ("edited", lambda x, n: edit(x))):
-            def edit(x):      # channel `channel` at offset j from the end <- the source class's mean there
-                x = x.clone()
-                for j in range(min(len(p.ids), len(mean_at))):
-                    x[0, -1 - j, channel] = mean_at[j]
-                return x
-            with torch.no_grad(), sparse.hooks({site: fn}):
+        def edit(x, name):      # the channel at offset j from the end <- the source class's mean there
+            x = x.clone()
+            for j in range(min(len(p.ids), len(mean_at))):
+                x[0, -1 - j, channel] = mean_at[j]
+            return x
+        for name, hooks in (("before", {}), ("edited", {site: edit})):
+            with torch.no_grad(), sparse.hooks(hooks):
                 logits = sparse(torch.tensor([p.ids]))[0][0, -1]
             diffs.setdefault(name, []).append((logits[p.correct] - logits[p.alt]).item())
-    assert (before, edited) == pytest.approx((statistics.mean(diffs["before"]), statistics.mean(diffs["edited"])), abs=1e-3)
+    expected = statistics.mean(diffs["before"]), statistics.mean(diffs["edited"])
+    assert (before, edited) == pytest.approx(expected, abs=1e-3)                     # printed to 3 decimals
 
 
 def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
