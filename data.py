@@ -204,9 +204,17 @@ def learn_tokenizer(chunks):
     first (the split ones alone would move other merges and could split another answer).
     -> (ranks, the answers the corpus left split)"""
     ranks, answers = train_bpe(chunks), task_answers()
-    split = [a for a in answers if len(encoding(ranks).encode_ordinary(a)) > 1]
+    if len(ranks) < VOCAB_SIZE - 1:   # too little text: prepare says so, on the corpus alone
+        return ranks, []
+    enc = encoding(ranks)
+    split = [a for a in answers if len(enc.encode_ordinary(a)) > 1]
     if split:
         ranks = train_bpe(chunks + Counter(dict.fromkeys(answers, sum(chunks.values()))))
+        enc = encoding(ranks)
+        unlearnable = [a for a in answers if len(enc.encode_ordinary(a)) > 1]
+        if unlearnable:   # the split pattern cuts it in two: no merge can make one token of it
+            raise UserError(f"task answers {', '.join(map(repr, unlearnable))} (tasks.py) cannot be one token: "
+                            "the tokenizer's split pattern cuts each before BPE; give the task another answer")
     return ranks, split
 
 # -----------------------------------------------------------------------------
@@ -257,7 +265,8 @@ def prepare(cfg=None, verbose=True):
     splitter, chunks = regex.compile(SPLIT_PATTERN), Counter()
     for p in train_files[::stride]:
         chunks.update(splitter.findall(read_text(p)))
-    (ranks, learned), ranks_path = learn_tokenizer(chunks), os.path.join(folder, "tokenizer.tiktoken")
+    ranks, learned = learn_tokenizer(chunks)
+    ranks_path = os.path.join(folder, "tokenizer.tiktoken")
     if len(ranks) != VOCAB_SIZE - 1:   # too few distinct pairs left to merge
         raise UserError(f"data_dir={data_dir} holds too little text to train a {VOCAB_SIZE}-token tokenizer "
                         f"({len(ranks) + 1} learned): give a folder with more .py files")
@@ -315,7 +324,8 @@ def data_folder(ckpt, data_dir=None, verbose=False):
         if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer_id(folder):
             raise UserError(f"the model's data folder {recorded} is gone or incomplete, and the tokenizer built "
                             f"now from data_dir={data_dir or default_data_dir()} ({folder}) is not the model's: its "
-                            "files, data.py or the Python changed since; restore the folder or what changed")
+                            "files, data.py, the task answers (tasks.py) or the Python changed since; restore the "
+                            "folder or what changed")
         same = ("with the model's tokenizer" if ckpt.get("tokenizer")
                 else "(its tokenizer differs if the files, data.py or Python changed)")
         print(f"note: the model's data folder {recorded} is gone or incomplete; using {folder}, built from the same "

@@ -384,7 +384,10 @@ WORD_STARTS = (" enumerate",)
 def answers():
     """Every answer the tasks ask for as one token (all but WORD_STARTS), read off 200 drawn prompts
     of each class of each task: data.py makes each one a token where its corpus leaves one split."""
-    drawn = {a for task in TASKS.values() for i in range(400) for a in task(random.Random(f"answers/{i}"), i % 2)[1:]}
+    drawn = set()
+    for task in TASKS.values():
+        for i in range(400):
+            drawn.update(task(random.Random(f"answers/{i}"), i % 2)[1:])
     return tuple(sorted(drawn - set(WORD_STARTS)))
 
 

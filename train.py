@@ -390,7 +390,7 @@ def train(cfg):
     if ddp:
         gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if cfg.device.startswith("cuda") and per_node > gpus:   # else a rank asks for a GPU that is not there
-            raise UserError(f"torchrun --nproc_per_node={per_node} on a machine with {gpus} GPU(s): one process per "
+            raise UserError(f"torchrun --nproc_per_node={per_node} on a machine with {gpus} visible GPU(s): one process per "
                             f"GPU, so --nproc_per_node={gpus} at most, or --device=cpu")
         dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
