@@ -269,12 +269,13 @@ def prepare(cfg=None, verbose=True):
     ranks_path = os.path.join(folder, "tokenizer.tiktoken")
     if len(ranks) != VOCAB_SIZE - 1:   # too few distinct pairs left to merge
         raise UserError(f"data_dir={data_dir} holds too little text to train a {VOCAB_SIZE}-token tokenizer "
-                        f"({len(ranks) + 1} learned): give a folder with more .py files")
+                        f"({len(ranks) + 1} tokens learned): give a folder with more .py files")
     write_ranks(ranks, ranks_path)
     enc = make_encoding(ranks_path)
     if verbose:
         print(f"data: {len(files)} files in {data_dir}; tokenizer trained in {time.time() - t0:.1f}s"
-              + (f" (twice: this corpus split the task answers {', '.join(map(repr, learned))})" if learned else ""))
+              + (f" (learned again with the task answers this corpus split: {', '.join(map(repr, learned))})"
+                 if learned else ""))
     meta = {"data_dir": data_dir, "files": len(files), "val_files": len(val_files), "tokenizer": tokenizer_id(folder),
             "answers_learned": learned}
     for split, paths in (("train", train_files), ("val", val_files)):

@@ -183,7 +183,8 @@ def node_count(masks):
 def checkpoint_key(path):
     """[absolute path, mtime, size]: a checkpoint retrained at the same path gets another key."""
     if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist")
+        hint = ": train it (python train.py --preset=cpu45) or pass --ckpt=" if path == PruneConfig.ckpt else ""
+        raise UserError(f"checkpoint {path} does not exist{hint}")
     st = os.stat(path)
     return [os.path.abspath(path), st.st_mtime_ns, st.st_size]
 
@@ -540,9 +541,9 @@ def chance_note(target_loss):
 def main(argv):
     cfg = parse_args(PruneConfig, argv)
     device = resolve_device(cfg.device)
+    ckpt_key = checkpoint_key(cfg.ckpt)   # in every record; taken first, so a file rewritten meanwhile mismatches
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
     chance_note(cfg.target_loss)
-    ckpt_key = checkpoint_key(cfg.ckpt)   # in every record; taken first, so a file rewritten meanwhile mismatches
     model, _, folder = load_model(cfg.ckpt, device)         # folder: the tokenizer the model was trained with
     model.requires_grad_(False)                                          # only the masks learn
     enc = data.get_encoding(folder)

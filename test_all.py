@@ -864,7 +864,7 @@ def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, cor
                                                "--stop_iter=7"])   # past the run's 6: checked against the new length
     capsys.readouterr()
     train.train(changed)                                     # the optimizer runs with the settings asked, not the saved
-    assert re.search(r"note: --max_iters=8 changed on resume: the L0 anneal and learning rate follow them \(at step 3: "
+    assert re.search(r"note: --max_iters=8 changed on resume: the L0 anneal and learning rate follow the new values \(at step 3: "
                      r"L0 [\d.]+, lr [\d.e+-]+, where the run was at L0 [\d.]+, lr [\d.e+-]+\); not its continuation",
                      capsys.readouterr().out)
     decay, no_decay = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
@@ -930,8 +930,18 @@ def test_ctrl_c_says_what_the_checkpoint_holds_and_how_to_go_on(tmp_path, corpus
     with pytest.raises(SystemExit) as stop:
         train.main([f"--out_dir={tmp_path / 'cut'}", "--resume=True"])
     assert stop.value.code == 130
-    assert capsys.readouterr().err.strip() == (f"interrupted; {tmp_path / 'cut' / 'ckpt.pt'} holds step 3: continue "
-                                               f"with --out_dir={tmp_path / 'cut'} --resume=True")
+    out, err = capsys.readouterr()
+    assert re.search(r"\npreset \w+ \(the checkpoint's\)\n", out)                 # not "(no CUDA)": it was resumed
+    assert err.strip() == (f"interrupted; {tmp_path / 'cut' / 'ckpt.pt'} holds step 3: continue "
+                           f"with --out_dir={tmp_path / 'cut'} --resume=True")
+
+
+def test_prune_without_the_default_checkpoint_says_how_to_make_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^checkpoint out/cpu45/ckpt.pt does not exist: train it \(python train.py "
+                                        r"--preset=cpu45\) or pass --ckpt=$"):
+        prune.main([])
+    assert capsys.readouterr().out == ""                                         # before the settings line
 
 
 def test_a_seed_as_large_as_a_timestamp_still_draws_batches():

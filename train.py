@@ -439,7 +439,7 @@ def train(cfg):
             setattr(was, key, saved[key])
         if changed:
             log(f"note: {', '.join(f'--{k}={getattr(cfg, k)}' for k in changed)} changed on resume: the L0 anneal and "
-                f"learning rate follow them (at step {start}: L0 {l0_at(start, cfg):.4f}, lr {lr_at(start, cfg):.2e}, "
+                f"learning rate follow the new values (at step {start}: L0 {l0_at(start, cfg):.4f}, lr {lr_at(start, cfg):.2e}, "
                 f"where the run was at L0 {l0_at(start, was):.4f}, lr {lr_at(start, was):.2e}); not its continuation")
     elif master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -514,8 +514,11 @@ def train(cfg):
         frac = l0_at(stop, cfg)
         exact, params, fewest, reached = sparsity_report(raw, frac)
         more = "" if f"{reached:.4f}" == f"{frac:.4f}" else f", {frac:.4f} asked"   # e.g. min_per_channel keeps more
-        log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros (L0 {reached:.4f}"
-            f"{more}); fewest nonzeros in a row: {fewest} (min {cfg.min_per_channel})")
+        if cfg.l0_frac < 1:
+            log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros (L0 {reached:.4f}"
+                f"{more}); fewest nonzeros in a row: {fewest} (min {cfg.min_per_channel})")
+        else:
+            log("sparsity: none (--l0_frac=1: a dense model)")
         log(f"done: {len(history)} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     if ddp:
         dist.destroy_process_group()
@@ -525,7 +528,8 @@ def train(cfg):
 
 def main(argv):
     cfg = config_from_args(argv)
-    why = "asked for" if preset_asked(argv) else ("CUDA found" if cfg.preset == "gpu" else "no CUDA")
+    why = ("asked for" if preset_asked(argv) else "the checkpoint's" if cfg.resume
+           else "CUDA found" if cfg.preset == "gpu" else "no CUDA")
     master = int(os.environ.get("RANK", "0")) == 0   # under torchrun: rank 0 speaks for every process
     if master:
         print(f"preset {cfg.preset} ({why})\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
