@@ -1064,6 +1064,7 @@ def test_a_corpus_that_splits_task_answers_still_gets_a_tokenizer_that_poses_eve
     with pytest.raises(UserError, match=r"answers ' enumerate' and ' en\w*' begin with the same token"):
         tasks.encode_example(ours, "x", "for i, x in", " enumerate", ours.decode(ours.encode_ordinary(" enum")[:1]))
     monkeypatch.setitem(tasks.TASKS, "quoted", lambda rng, label: ("x = ", "'r'", "'w'"))   # `'r` `'`, whatever BPE does
+    monkeypatch.setattr(data, "train_bpe", lambda chunks: ranks)                 # as learned above: fast
     tasks.answers.cache_clear()
     try:
         with pytest.raises(UserError, match=r"task answers \"'r'\", \"'w'\" \(tasks.py\) cannot be one token"):
