@@ -328,7 +328,7 @@ def data_folder(ckpt, data_dir=None, verbose=False):
                             "files, data.py, the task answers (tasks.py) or the Python changed since; restore the "
                             "folder or what changed")
         same = ("with the model's tokenizer" if ckpt.get("tokenizer")
-                else "(its tokenizer differs if the files, data.py or Python changed)")
+                else "(its tokenizer differs if the files, data.py, the task answers or Python changed)")
         print(f"note: the model's data folder {recorded} is gone or incomplete; using {folder}, built from the same "
               f"data_dir now {same}; its train/val tokens differ if the files changed since training")
     return folder

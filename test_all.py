@@ -864,8 +864,9 @@ def test_resume_refuses_what_would_silently_change_or_skip_the_run(tmp_path, cor
                                                "--stop_iter=7"])   # past the run's 6: checked against the new length
     capsys.readouterr()
     train.train(changed)                                     # the optimizer runs with the settings asked, not the saved
-    assert re.search(r"note: --max_iters=8 changed on resume: the L0 anneal and learning rate follow the new values \(at step 3: "
-                     r"L0 [\d.]+, lr [\d.e+-]+, where the run was at L0 [\d.]+, lr [\d.e+-]+\); not its continuation",
+    assert re.search(r"note: --max_iters=8 changed on resume: the L0 anneal and learning rate follow the new values "
+                     r"\(at step 3: L0 [\d.]+, lr [\d.e+-]+, where the run was at L0 [\d.]+, lr [\d.e+-]+\); "
+                     r"not its continuation",
                      capsys.readouterr().out)
     decay, no_decay = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
     assert [(g["weight_decay"], g["eps"], g["betas"]) for g in (decay, no_decay)] == [(0.0, 1e-8, (0.9, 0.99))] * 2
@@ -1063,7 +1064,7 @@ def test_a_corpus_that_splits_task_answers_still_gets_a_tokenizer_that_poses_eve
     ours = corpus[1]
     with pytest.raises(UserError, match=r"answers ' enumerate' and ' en\w*' begin with the same token"):
         tasks.encode_example(ours, "x", "for i, x in", " enumerate", ours.decode(ours.encode_ordinary(" enum")[:1]))
-    monkeypatch.setitem(tasks.TASKS, "quoted", lambda rng, label: ("x = ", "'r'", "'w'"))   # `'r` `'`, whatever BPE does
+    monkeypatch.setitem(tasks.TASKS, "quoted", lambda rng, label: ("x = ", "'r'", "'w'"))   # `'r` `'` whatever BPE does
     monkeypatch.setattr(data, "train_bpe", lambda chunks: ranks)                 # as learned above: fast
     tasks.answers.cache_clear()
     try:

@@ -390,8 +390,8 @@ def train(cfg):
     if ddp:
         gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if cfg.device.startswith("cuda") and per_node > gpus:   # else a rank asks for a GPU that is not there
-            raise UserError(f"torchrun --nproc_per_node={per_node} on a machine with {gpus} visible GPU(s): one process per "
-                            f"GPU, so --nproc_per_node={gpus} at most, or --device=cpu")
+            raise UserError(f"torchrun --nproc_per_node={per_node} on a machine with {gpus} visible GPU(s): one "
+                            f"process per GPU, so --nproc_per_node={gpus} at most, or --device=cpu")
         dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         if cfg.device.startswith("cuda"):
@@ -439,8 +439,9 @@ def train(cfg):
             setattr(was, key, saved[key])
         if changed:
             log(f"note: {', '.join(f'--{k}={getattr(cfg, k)}' for k in changed)} changed on resume: the L0 anneal and "
-                f"learning rate follow the new values (at step {start}: L0 {l0_at(start, cfg):.4f}, lr {lr_at(start, cfg):.2e}, "
-                f"where the run was at L0 {l0_at(start, was):.4f}, lr {lr_at(start, was):.2e}); not its continuation")
+                f"learning rate follow the new values (at step {start}: L0 {l0_at(start, cfg):.4f}, lr "
+                f"{lr_at(start, cfg):.2e}, where the run was at L0 {l0_at(start, was):.4f}, lr "
+                f"{lr_at(start, was):.2e}); not its continuation")
     elif master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     if master:
@@ -511,14 +512,14 @@ def train(cfg):
         same = all(torch.equal(g, gathered[0]) for g in gathered)
         log(f"ddp: weights {'identical' if same else 'DIFFER'} on all {world} ranks")
     if master:
-        frac = l0_at(stop, cfg)
-        exact, params, fewest, reached = sparsity_report(raw, frac)
-        more = "" if f"{reached:.4f}" == f"{frac:.4f}" else f", {frac:.4f} asked"   # e.g. min_per_channel keeps more
-        if cfg.l0_frac < 1:
+        if cfg.l0_frac == 1:
+            log("sparsity: none (--l0_frac=1: a dense model)")
+        else:
+            frac = l0_at(stop, cfg)
+            exact, params, fewest, reached = sparsity_report(raw, frac)
+            more = "" if f"{reached:.4f}" == f"{frac:.4f}" else f", {frac:.4f} asked"   # min_per_channel keeps more
             log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros (L0 {reached:.4f}"
                 f"{more}); fewest nonzeros in a row: {fewest} (min {cfg.min_per_channel})")
-        else:
-            log("sparsity: none (--l0_frac=1: a dense model)")
         log(f"done: {len(history)} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     if ddp:
         dist.destroy_process_group()
