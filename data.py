@@ -203,18 +203,18 @@ def learn_tokenizer(chunks):
     again with every answer counted as often as all its chunks together, so that BPE merges them
     first (the split ones alone would move other merges and could split another answer).
     -> (ranks, the answers the corpus left split)"""
-    ranks, answers = train_bpe(chunks), task_answers()
+    answers = task_answers()
+    cut = [a for a in answers if regex.findall(SPLIT_PATTERN, a) != [a]]
+    if cut:   # the split pattern cuts it before BPE: no merge can make one token of it
+        raise UserError(f"task answer(s) {', '.join(map(repr, cut))} (tasks.py) cannot be one token: the "
+                        "tokenizer's split pattern cuts each in two; give the task another answer")
+    ranks = train_bpe(chunks)
     if len(ranks) < VOCAB_SIZE - 1:   # too little text: prepare says so, on the corpus alone
         return ranks, []
     enc = encoding(ranks)
     split = [a for a in answers if len(enc.encode_ordinary(a)) > 1]
     if split:
         ranks = train_bpe(chunks + Counter(dict.fromkeys(answers, sum(chunks.values()))))
-        enc = encoding(ranks)
-        unlearnable = [a for a in answers if len(enc.encode_ordinary(a)) > 1]
-        if unlearnable:   # the split pattern cuts it in two: no merge can make one token of it
-            raise UserError(f"task answers {', '.join(map(repr, unlearnable))} (tasks.py) cannot be one token: "
-                            "the tokenizer's split pattern cuts each before BPE; give the task another answer")
     return ranks, split
 
 # -----------------------------------------------------------------------------

@@ -183,8 +183,7 @@ def node_count(masks):
 def checkpoint_key(path):
     """[absolute path, mtime, size]: a checkpoint retrained at the same path gets another key."""
     if not os.path.exists(path):
-        hint = ": train it (python train.py --preset=cpu45) or pass --ckpt=" if path == PruneConfig.ckpt else ""
-        raise UserError(f"checkpoint {path} does not exist{hint}")
+        raise UserError(f"checkpoint {path} does not exist")
     st = os.stat(path)
     return [os.path.abspath(path), st.st_mtime_ns, st.st_size]
 
@@ -541,6 +540,9 @@ def chance_note(target_loss):
 def main(argv):
     cfg = parse_args(PruneConfig, argv)
     device = resolve_device(cfg.device)
+    if cfg.ckpt == PruneConfig.ckpt and not os.path.exists(cfg.ckpt):
+        raise UserError(f"checkpoint {cfg.ckpt} (the default) does not exist: train it (python train.py "
+                        "--preset=cpu45) or pass --ckpt=PATH")
     ckpt_key = checkpoint_key(cfg.ckpt)   # in every record; taken first, so a file rewritten meanwhile mismatches
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
     chance_note(cfg.target_loss)

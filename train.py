@@ -512,12 +512,12 @@ def train(cfg):
         same = all(torch.equal(g, gathered[0]) for g in gathered)
         log(f"ddp: weights {'identical' if same else 'DIFFER'} on all {world} ranks")
     if master:
-        if cfg.l0_frac == 1:
-            log("sparsity: none (--l0_frac=1: a dense model)")
+        frac = l0_at(stop, cfg)
+        exact, params, fewest, reached = sparsity_report(raw, frac)
+        more = "" if f"{reached:.4f}" == f"{frac:.4f}" else f", {frac:.4f} asked"   # e.g. min_per_channel keeps more
+        if reached == 1:
+            log("sparsity: none (L0 1: dense weights)")
         else:
-            frac = l0_at(stop, cfg)
-            exact, params, fewest, reached = sparsity_report(raw, frac)
-            more = "" if f"{reached:.4f}" == f"{frac:.4f}" else f", {frac:.4f} asked"   # min_per_channel keeps more
             log(f"sparsity: {exact}/{params} sparse parameters at exactly their target nonzeros (L0 {reached:.4f}"
                 f"{more}); fewest nonzeros in a row: {fewest} (min {cfg.min_per_channel})")
         log(f"done: {len(history)} steps in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
