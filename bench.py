@@ -18,9 +18,9 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   The variants' processes live together: a run holds the sum of their peak memory.
 - the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
   (sparse step minus the same step without AbsTopK), and our projection against a naive reference
-  that sorts every matrix fully. AbsTopK's forward is also timed alone on the sites' shapes as eager
-  calls run it (topk on a GPU, numpy's partition on a CPU), against topk on |x| and a scatter; where
-  the preset compiles, its step selects by radix instead, so that share is not the step's.
+  that sorts every matrix fully. AbsTopK's forward is also timed alone on the sites' shapes as the
+  preset selects in eager calls (our Triton kernel, as in its compiled step, with the GPU preset on a
+  GPU; numpy's partition on a CPU), against topk on |x| and a scatter.
 - MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
   matmul rate measured here in the dtype the shape trains in (fp32 on a CPU): in every round, after
   the variants' turns, and each round's steps against that round's peak (the median over rounds).
@@ -29,8 +29,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
   given a checkpoint that solves it; timed first, so a model that does not solve it ends the run at
   once).
 - where the preset compiles (the GPU preset on a GPU; --cpu_compile=True): dense and sparse eager
-  too, for what torch.compile buys, and sparse with AbsTopK the other way (the GPU preset selects by
-  radix, abstopk_by=radix, which compile fuses; the variant sparse_topk by topk).
+  too, for what torch.compile buys, and sparse with AbsTopK another way (the GPU preset selects by our
+  Triton kernel, abstopk_by=triton; the variant sparse_radix by the radix select compile fuses).
 """
 
 import dataclasses
@@ -46,7 +46,7 @@ from statistics import median
 import torch
 
 from config import UserError, check_out_dir, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
-from sparse_gpt import GPT, abstopk, target_nonzeros
+from sparse_gpt import GPT, abstopk_function, target_nonzeros
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_optimizer, optimizer_step
 
 
@@ -102,7 +102,10 @@ def variant(shape, device, batch_size, cpu_compile=False, **overrides):
     """The TrainConfig of a preset shape, with overrides (l0_frac, afrac)."""
     cfg = TrainConfig(preset=shape, **{**PRESETS[shape], "device": device, "batch_size": batch_size})
     compile = cfg.compile if device.startswith("cuda") else cpu_compile   # the GPU preset compiles
-    return dataclasses.replace(cfg, compile=compile, abstopk_by=cfg.abstopk_by if compile else "topk", **overrides)
+    by = cfg.abstopk_by if compile else "topk"
+    if by == "triton" and not device.startswith("cuda"):   # the GPU preset compiled on a CPU: the kernel is a GPU's
+        by = "radix"
+    return dataclasses.replace(cfg, compile=compile, abstopk_by=by, **overrides)
 
 
 def training_worker(conn, cfg, warmup, keep_memory=True):
@@ -271,9 +274,16 @@ def hook_overhead(cfg, reps, rounds):
     return median(ms["plain"]), median(ms["recorded"])
 
 
+def other_abstopk(cfg):
+    """AbsTopK's other way in a compiled step, timed for comparison: our kernel against the radix select
+    inductor fuses, and that against topk."""
+    return {"triton": "radix", "radix": "topk", "topk": "radix"}[cfg.abstopk_by]
+
+
 def abstopk_alone_ms(cfg, reps):
-    """ms per step in AbsTopK's forward alone at every sparse site, as abstopk runs eager on this
-    device, and the plain way: topk on |x|, then a scatter into zeros. (ours, plain)"""
+    """ms per step in AbsTopK's forward alone at every sparse site, as cfg's sites select in eager
+    calls (abstopk_by radix: by topk), and the plain way: topk on |x|, then a scatter into zeros.
+    (ours, plain)"""
     c, rows = cfg.model_config(), cfg.batch_size * cfg.block_size
     low = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32   # autocast's dtype
     # what each site sees: a matmul's or GELU's output in autocast's dtype, RMSNorm's (the *_in sites) in fp32
@@ -284,11 +294,11 @@ def abstopk_alone_ms(cfg, reps):
         idx = x.abs().topk(k, dim=-1, sorted=False).indices
         return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
 
-    ours = plain = 0.0
+    select, ours, plain = abstopk_function(cfg.abstopk_by), 0.0, 0.0
     for (width, dtype), per_layer in shapes.items():
         sites, k = c.n_layer * per_layer, int(c.afrac * width)
         x = torch.randn(rows, width, device=cfg.device, dtype=dtype)
-        ours += sites * seconds_per_call(lambda: abstopk(x, k), reps, cfg.device)
+        ours += sites * seconds_per_call(lambda: select(x, k), reps, cfg.device)
         plain += sites * seconds_per_call(lambda: plain_abstopk(x, k), reps, cfg.device)
     return ours * 1e3, plain * 1e3
 
@@ -315,9 +325,10 @@ def bench_shape(shape, bc, device):
     no_abstopk = variant(shape, device, batch, bc.cpu_compile, afrac=1.0)
     variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
     if sparse.compile:                # the GPU preset compiles: what that buys against eager, and AbsTopK fused
-        variants += [(name + "_eager", dataclasses.replace(cfg, compile=False, abstopk_by="topk"))
+        eager_by = "topk" if sparse.abstopk_by == "radix" else sparse.abstopk_by   # radix is compiled code's
+        variants += [(name + "_eager", dataclasses.replace(cfg, compile=False, abstopk_by=eager_by))
                      for name, cfg in variants[:2]]
-        other = "topk" if sparse.abstopk_by == "radix" else "radix"   # AbsTopK's other way, under compile
+        other = other_abstopk(sparse)
         variants.append((f"sparse_{other}", dataclasses.replace(sparse, abstopk_by=other)))
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
@@ -342,7 +353,6 @@ def bench_shape(shape, bc, device):
     # a ratio of two variants is the median over rounds of their ratio within a round (None: one is absent)
     per_round = lambda a, b: [x / y for x, y in zip(runs[a]["ms_per_round"], runs[b]["ms_per_round"])]
     ratio = lambda a, b: median(per_round(a, b)) if a in runs and b in runs else None
-    radix, topk = ("sparse", "sparse_topk") if sparse.abstopk_by == "radix" else ("sparse_radix", "sparse")
     s = runs["sparse"]["ms_per_step"]
     return {"batch_size": batch, "block_size": sparse.block_size, "flops_per_token": fpt, "dtype": dtype,
             "matmul_peak_flops": median(peaks), "matmul_peak_rounds": peaks, "runs": runs,
@@ -356,7 +366,9 @@ def bench_shape(shape, bc, device):
             "projection_ms": ours * 1e3, "naive_projection_ms": naive * 1e3,
             "forward_ms": plain_ms, "forward_recording_ms": recorded_ms,
             "compile_speedup": {v: ratio(v + "_eager", v) for v in ("dense", "sparse") if v + "_eager" in runs},
-            "allocator_speedup": ratio("sparse_glibc_malloc", "sparse"), "radix_over_topk_step": ratio(radix, topk)}
+            "allocator_speedup": ratio("sparse_glibc_malloc", "sparse"),
+            "abstopk_by": sparse.abstopk_by, "other_abstopk": other_abstopk(sparse),
+            "other_abstopk_over_preset_step": ratio(f"sparse_{other_abstopk(sparse)}", "sparse")}
 
 
 def main(argv):
@@ -386,8 +398,8 @@ def main(argv):
               + "".join(f" | compiled {v} {x:.2f}x eager" for v, x in r["compile_speedup"].items())
               + (f" | sparse step with glibc's default allocator: {r['allocator_speedup']:.2f}x as long"
                  if r["allocator_speedup"] else "")
-              + (f" | sparse step with AbsTopK by radix select: {r['radix_over_topk_step']:.2f}x the topk one"
-                 if r["radix_over_topk_step"] else ""))
+              + (f" | sparse step with AbsTopK by {r['other_abstopk']}: {r['other_abstopk_over_preset_step']:.2f}x "
+                 f"the one by {r['abstopk_by']}" if r["other_abstopk_over_preset_step"] else ""))
     os.makedirs(bc.out_dir, exist_ok=True)
     path = os.path.join(bc.out_dir, f"{device.replace(':', '')}.json")
     write_atomic(path, json.dumps(result, indent=1))

@@ -5,8 +5,8 @@ Notable features, each tied to the paper (../shared/METHOD.md section 1):
 - RMSNorm, pre-norm blocks, small heads (d_head 16), untied embedding and unembedding,
   no positional embedding unless `learned_pos=True`.
 - AbsTopK on activations: keep the k = afrac * dim entries of largest |x| at 8 sites per layer
-  (by numpy's partition on a CPU, topk on a GPU; or, where torch.compile traces the model, by a
-  radix select it can fuse: abstopk_by).
+  (by numpy's partition on a CPU, topk on a GPU; or by a radix select: one torch.compile can fuse,
+  or our Triton kernel on a GPU, the gpu preset's: abstopk_by).
 - An attention sink per head: a learnable logit b_h for an always-visible slot with zero value.
 - A dense bigram logit table: logits += bigram[current token]; never sparsified.
 - Weight sparsity: `project_weights` keeps the top-k |w| of every sparse parameter, with at
@@ -170,7 +170,16 @@ def abstopk_radix_when_compiled(x, k):
     return abstopk_radix_region(x, k) if torch.compiler.is_compiling() else abstopk(x, k)
 
 
-ABSTOPK_BY = {"topk": abstopk, "radix": abstopk_radix_when_compiled}
+def abstopk_function(name):
+    """What a model's sites select by, for GPT(abstopk_by=name). "triton" is our kernel (abstopk_triton.py),
+    imported only when asked for: Triton comes with CUDA builds of torch, not with CPU ones."""
+    if name == "triton":
+        import abstopk_triton
+        return abstopk_triton.abstopk
+    return {"topk": abstopk, "radix": abstopk_radix_when_compiled}[name]
+
+
+ABSTOPK_BY = ("topk", "radix", "triton")
 
 
 class Site(nn.Module):
@@ -182,7 +191,7 @@ class Site(nn.Module):
         self.kind = kind            # the authors' kind, e.g. "attn_q"
         self.name = kind            # full name, e.g. "0.attn.q", set by GPT.__init__
         self.k = int(config.afrac * dim) if (kind in config.sparse_sites and config.afrac < 1) else 0
-        self.abstopk = abstopk      # or abstopk_radix_when_compiled: see GPT(abstopk_by=...)
+        self.abstopk = abstopk      # or another way to the same selection: see GPT(abstopk_by=...)
         self.hook = None
 
     def forward(self, x):
@@ -285,10 +294,11 @@ class GPT(nn.Module):
 
     def __init__(self, config, abstopk_by="topk"):
         """abstopk_by: how AbsTopK selects, "topk" (what topk keeps, on a CPU found by numpy's
-        partition), or "radix" under torch.compile. Both keep exactly k; they differ only in which of
-        several entries tied at the k-th |x| they keep (tied zeros: only the gradient differs; in
-        bf16/fp16 nonzero ties are common, and the output differs slightly). So it is a training
-        setting, not part of the config a checkpoint saves for its model."""
+        partition), "radix" under torch.compile, or "triton" on a GPU (our kernel: radix's choice,
+        compiled or not). All keep exactly k; they differ only in which of several entries tied at
+        the k-th |x| they keep (tied zeros: only the gradient differs; in bf16/fp16 nonzero ties are
+        common, and the output differs slightly). So it is a training setting, not part of the
+        config a checkpoint saves for its model."""
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
@@ -307,7 +317,7 @@ class GPT(nn.Module):
         self.site_final.name = "final_resid"
         self.sites["final_resid"] = self.site_final
         for site in self.sites.values():
-            site.abstopk = ABSTOPK_BY[abstopk_by]
+            site.abstopk = abstopk_function(abstopk_by)
         # init per the authors' code: N(0, 0.02), output projections scaled by 1/sqrt(2 n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):

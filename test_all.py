@@ -6,6 +6,7 @@ The tests: the math of each piece, and the promises a user relies on.
 
 import ast
 import dataclasses
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -165,7 +166,7 @@ def test_a_model_with_abstopk_by_radix_runs_topk_eager_and_radix_compiled(tmp_pa
 
 
 def test_a_resumed_run_is_checked_on_its_saved_settings_not_the_presets(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # a GPU machine: the gpu preset (radix) is the default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # a GPU machine: the gpu preset is the default
     for preset, saved_as in (("cpu", {}), ("gpu", {"abstopk_by": "topk"}), ("gpu", {"compile": True, "abstopk_by": "topk"})):
         run = tmp_path / f"{preset}{len(saved_as)}"
         settings = dataclasses.asdict(train.TrainConfig(preset=preset, **{**train.PRESETS[preset], **saved_as,
@@ -177,8 +178,57 @@ def test_a_resumed_run_is_checked_on_its_saved_settings_not_the_presets(tmp_path
         assert (cfg.preset, cfg.compile, cfg.abstopk_by) == (preset, False, "topk")
     cfg = train.config_from_args([f"--out_dir={run}", "--resume=True", "--abstopk_by=radix"])   # saved compile=True
     assert (cfg.compile, cfg.abstopk_by) == (True, "radix")
-    with pytest.raises(UserError, match=r"abstopk_by=radix .* needs --compile=True"):   # the gpu preset, not compiled
-        train.config_from_args([f"--out_dir={tmp_path / 'new'}", "--compile=False"])
+    cfg = train.config_from_args([f"--out_dir={tmp_path / 'new'}", "--compile=False"])   # the gpu preset, eager
+    assert (cfg.preset, cfg.compile, cfg.abstopk_by) == ("gpu", False, "triton")      # its kernel runs eager too
+    with pytest.raises(UserError, match=r"abstopk_by=radix .* needs --compile=True"):
+        train.config_from_args([f"--out_dir={tmp_path / 'new'}", "--compile=False", "--abstopk_by=radix"])
+
+
+def test_abstopk_by_triton_is_refused_off_a_gpu_and_without_triton(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:                           # refused before the data is built
+        m.setattr(data, "prepare", lambda *a, **k: pytest.fail("the data was built before the refusal"))
+        with pytest.raises(UserError, match=r"abstopk_by=triton .* is a kernel for CUDA GPUs; on --device=cpu pass "):
+            train.train(tiny_train_config(tmp_path, abstopk_by="triton", device="cpu"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(UserError, match=r"abstopk_by=triton needs the triton package .* or pass --abstopk_by=radix"):
+        train.make_model(tiny_train_config(tmp_path, abstopk_by="triton", device="cuda"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton here (.ci/run installs it)")
+def test_the_triton_kernel_selects_as_radix_does_in_tritons_interpreter(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")            # read when the kernel is defined: on numpy, on a CPU
+    monkeypatch.delitem(sys.modules, "abstopk_triton", raising=False)
+    import abstopk_triton
+    torch.manual_seed(0)
+    wide = torch.randn(6, 3 * 40)
+    rows = [(torch.randn(5, 7, 40), 10), (wide[:, 40:80], 8),   # a slice, as q, k and v are (fp32: strided)
+            (torch.randn(3, 33), 33), (torch.randn(4, 24), 1)]
+    x = torch.randn(4, 48)
+    x[0, 6:] = 0                                               # fewer than k nonzeros: ties at 0
+    x[1, 10:] = x[1, 9]                                        # ties at a nonzero k-th |x|
+    x[2, [3, 7]] = math.inf
+    x[3, :] = -x[3, 0]                                         # a row of one |x|
+    rows.append((x, 12))
+    for dtype in (torch.float32, torch.bfloat16):
+        for y, k in rows:
+            y, y_ref = y.to(dtype).detach().requires_grad_(), y.to(dtype).detach().clone().requires_grad_()
+            kept, ref = abstopk_triton.abstopk(y, k), lowest_index_abstopk(y_ref, k)
+            grad = torch.arange(y.numel(), dtype=dtype).view_as(y)           # the kept zeros pass theirs too
+            kept.backward(grad)
+            ref.backward(grad)
+            assert torch.equal(kept, ref) and torch.equal(y.grad, y_ref.grad), (dtype, y.shape, k)
+    with pytest.raises(ValueError, match="k=0"):
+        abstopk_triton.abstopk(x, 0)
+    cfg = tiny_train_config(tmp_path, abstopk_by="triton", device="cpu", afrac=0.5)
+    model, by_topk = train.make_model(cfg), train.make_model(dataclasses.replace(cfg, abstopk_by="topk"))
+    by_topk.load_state_dict(model.state_dict())
+    idx = torch.randint(model.config.vocab_size, (2, 32))      # no ties: the same choice as topk's
+    losses = [m(idx, idx)[1] for m in (model, by_topk)]
+    for loss in losses:
+        loss.backward()
+    assert losses[0].item() == losses[1].item()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), by_topk.parameters())
+               if a.grad is not None)
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on a CPU needs a C++ compiler")
@@ -2585,20 +2635,24 @@ def stub_bench_timings_but_the_steps(monkeypatch):
         monkeypatch.setattr(bench, name, f)
 
 
-def test_bench_compares_radix_with_topk_whichever_way_the_preset_selects(monkeypatch):
-    ms = {"dense": 10, "sparse": 20, "sparse_no_abstopk": 12, "sparse_radix": 16, "sparse_topk": 25}
+def test_bench_compares_the_presets_abstopk_with_another_way(monkeypatch):
+    ms = {"dense": 10, "eager": 40, "sparse_no_abstopk": 12, "sparse_radix": 16, "sparse_topk": 25}
     stub_bench_timings_but_the_steps(monkeypatch)
-    for shape, radix_over_topk in (("cpu", 16 / 20), ("gpu", 20 / 25)):   # cpu: topk, gpu: radix
-        preset_way = train.PRESETS[shape].get("abstopk_by", "topk")
-        def label(cfg):                                        # which variant, told by its settings
-            return ("dense" if cfg.l0_frac == 1 else "sparse_no_abstopk" if cfg.afrac == 1 else
-                    f"sparse_{cfg.abstopk_by}" if cfg.compile and cfg.abstopk_by != preset_way else "sparse")
-        def fake_runs(variants, *args):
-            return {name: {"ms_per_step": ms[label(cfg)], "ms_per_round": [ms[label(cfg)]], "tokens_per_s": 1.0,
-                           "projection_ms": 1.0, "peak_mem_mb": 1.0} for name, (cfg, _) in variants.items()}, [1e12]
-        monkeypatch.setattr(bench, "time_in_turns", fake_runs)
+    def label(cfg):                                            # which variant, told by its settings
+        return ("dense" if cfg.l0_frac == 1 else "sparse_no_abstopk" if cfg.afrac == 1 else
+                f"sparse_{cfg.abstopk_by}" if cfg.compile else "eager")
+    def fake_runs(variants, *args):
+        return {name: {"ms_per_step": ms[label(cfg)], "ms_per_round": [ms[label(cfg)]], "tokens_per_s": 1.0,
+                       "projection_ms": 1.0, "peak_mem_mb": 1.0} for name, (cfg, _) in variants.items()}, [1e12]
+    monkeypatch.setattr(bench, "time_in_turns", fake_runs)
+    # compiled on a CPU, the cpu preset selects by topk and the gpu preset by radix (its kernel is for GPUs)
+    for shape, preset_way, other, ratio in (("cpu", "topk", "radix", 16 / 25), ("gpu", "radix", "topk", 25 / 16)):
         bc = bench.BenchConfig(shapes=shape, cpu_compile=True, steps=1, warmup=0, cpu_batch_gpu_shape=1)
-        assert bench.bench_shape(shape, bc, "cpu")["radix_over_topk_step"] == pytest.approx(radix_over_topk)
+        r = bench.bench_shape(shape, bc, "cpu")
+        assert (r["abstopk_by"], r["other_abstopk"]) == (preset_way, other)
+        assert r["other_abstopk_over_preset_step"] == pytest.approx(ratio)
+    on_gpu = bench.variant("gpu", "cuda", 64)                  # on a GPU: our kernel, against radix
+    assert (on_gpu.compile, on_gpu.abstopk_by, bench.other_abstopk(on_gpu)) == (True, "triton", "radix")
 
 
 def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
