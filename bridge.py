@@ -485,9 +485,9 @@ def steer(cfg):
     print(f"{'dense model':<22} {heads[0]:>10} {heads[1]:>10}")
     for k in ("before", "edit", "control"):
         print(f"{k:<22} {mean[k][0]:10.4f} {mean[k][1]:10.4f}")
-    print(f"edit: P(correct) {mean['edit'][0] - mean['before'][0]:+.4f}, P(other) {mean['edit'][1] - mean['before'][1]:+.4f}"
-          f" | control: P(correct) {mean['control'][0] - mean['before'][0]:+.4f}, P(other) "
-          f"{mean['control'][1] - mean['before'][1]:+.4f}")
+    change = lambda k, i: f"{round(mean[k][i] - mean['before'][i], 4) + 0.0:+.4f}"   # + 0.0: no "-0.0000"
+    print(f"edit: P(correct) {change('edit', 0)}, P(other) {change('edit', 1)} | control: P(correct) "
+          f"{change('control', 0)}, P(other) {change('control', 1)}")
     return {"site": site, "channel": channel, **mean}
 
 

@@ -61,7 +61,8 @@ def parse_values(cls, argv, base=None):
     offered = [name for name in fields if name not in getattr(cls, "refused_settings", ())]
     given = dict(base) if isinstance(base, dict) else dataclasses.asdict(base) if base is not None else {}
     if "--help" in argv or "-h" in argv:
-        shown = {**dataclasses.asdict(cls()), **given}
+        # the defaults as written: cls() would show what its checks rewrite (a path made absolute)
+        shown = {**{name: default_of(field) for name, field in fields.items()}, **given}
         print(f"{cls.__name__} settings (override with --key=value):")
         for name in offered:
             print(f"  --{name}={as_arg(shown[name])}")
@@ -121,6 +122,7 @@ def atomic_file(path, mode="w"):
     """A temp file to write path's new contents to; on success it is synced to disk and renamed
     over path, so a reader, or a crash, sees the old file or the new one, never half of one."""
     tmp = f"{path}.{os.getpid()}.tmp"   # per process: parallel writers of one path never share a temp file
+    remove_dead_writers_files(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -130,6 +132,26 @@ def atomic_file(path, mode="w"):
     finally:
         if os.path.exists(tmp):         # the write failed: leave no temp file behind
             os.remove(tmp)
+
+
+def remove_dead_writers_files(path):
+    """A writer killed outright (kill -9, power cut) cannot clean up: its path.<pid>.tmp is removed
+    by the next write of path, once no process has that pid. Only where a pid can be asked about
+    without harm (POSIX: on Windows os.kill(pid, 0) would stop the process)."""
+    if os.name != "posix":
+        return
+    prefix = os.path.basename(path) + "."
+    for name in os.listdir(os.path.dirname(path) or "."):
+        pid = name[len(prefix):-len(".tmp")]
+        if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)                # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):   # another writer may have removed it first
+                os.remove(os.path.join(os.path.dirname(path), name))
+        except (PermissionError, OverflowError):   # another user's process, or a name no pid has
+            pass
 
 
 def write_atomic(path, text):

@@ -486,6 +486,7 @@ def test_config_parsing_and_bad_values(capsys):
             parse_args(cls, ["--help"])
         shown = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
         assert parse_args(cls, shown) == cls(), cls                 # every value --help shows is taken back as is
+        assert not [a for a in shown if os.getcwd() in a], cls       # paths as written, not this machine's
         if cls is bridge.BridgeConfig:                               # and none that it would refuse
             assert not {a[2:].split("=")[0] for a in shown} & set(bridge.TRAIN_ONLY_KEYS)
     with pytest.raises(UserError) as info:
@@ -837,6 +838,25 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pat
     with pytest.raises(KeyboardInterrupt):                     # not torch's "unexpected pos" RuntimeError
         train.save_checkpoint(path, model, optimizer, None, 1, {}, {})
     assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a dead writer's temp file is removed only where pids can be asked")
+def test_a_writer_killed_outright_leaves_a_temp_file_that_the_next_write_removes(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time; from config import atomic_file\n"
+                               f"with atomic_file({str(path)!r}, 'wb') as f:\n"
+                               "    f.write(b'half'); f.flush(); print('writing', flush=True); time.sleep(60)"],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    writer.kill()                                              # SIGKILL: no finally runs
+    writer.wait()
+    left = tmp_path / f"ckpt.pt.{writer.pid}.tmp"
+    assert left.exists()
+    kept = [tmp_path / f"ckpt.pt.{os.getppid()}.tmp", tmp_path / "ckpt.pt.notes.tmp"]   # a live writer's; no writer's
+    for other in kept:
+        other.write_text("not the next writer's to remove")
+    write_atomic(str(path), "new")
+    assert open_text(path) == "new" and not left.exists() and all(other.exists() for other in kept)
 
 
 def test_bpe_counts_only_the_pairs_a_merge_leaves():
