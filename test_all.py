@@ -876,7 +876,11 @@ def test_training_reaches_exact_sparsity_and_checkpoint_loads(tmp_path, corpus, 
     model = GPT.from_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     exact, params, fewest, reached = train.sparsity_report(model, 0.1)
     assert exact == params and fewest >= 4 and reached > 0.11   # 32-wide rows keep 4 at least: 1/8
-    assert f"(L0 {reached:.4f}, 0.1000 asked)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"(L0 {reached:.4f}, 0.1000 asked)" in printed and "times over" not in printed
+    train.train(tiny_train_config(tmp_path / "long", max_iters=10 ** 7, stop_iter=1))   # 10**7 steps of 128 tokens:
+    n = len(data.load_tokens(corpus[0], "train"))                                     # the corpus ~120 times over
+    assert f"read the train split ({n:,} tokens) {128 * 10 ** 7 / n:.0f} times over" in capsys.readouterr().out
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=1.0, top_k=10)
     assert out.shape == (1, 8)
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)   # another version's checkpoints:
