@@ -20,7 +20,8 @@ from torch.library import triton_op, wrap_triton
 @triton.jit
 def abstopk_rows(x_ptr, y_ptr, keep_ptr, n_rows, n_cols, x_row_stride, k,
                  ROWS: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    # int64: a site of 2**31 entries or more would wrap 32-bit offsets (rows * stride)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     inside = (rows < n_rows) & (cols < n_cols)
     x = tl.load(x_ptr + rows * x_row_stride + cols, mask=inside, other=0)
@@ -37,9 +38,9 @@ def abstopk_rows(x_ptr, y_ptr, keep_ptr, n_rows, n_cols, x_row_stride, k,
         count = tl.sum((bits >= candidate).to(tl.int32), axis=1)[:, None]
         kth = tl.where(count >= k, candidate, kth)
     above = bits > kth
-    tied = (bits == kth).to(tl.int32)
+    tied = bits == kth
     missing = k - tl.sum(above.to(tl.int32), axis=1)[:, None]        # of the ties, the first ones
-    keep = above | ((tied != 0) & (tl.cumsum(tied, axis=1) <= missing))
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= missing))
     tl.store(y_ptr + rows * n_cols + cols, tl.where(keep, x, 0), mask=inside)
     tl.store(keep_ptr + rows * n_cols + cols, keep, mask=inside)
 
@@ -77,6 +78,6 @@ abstopk_and_mask.register_autograd(backward, setup_context=save_mask)
 
 def abstopk(x, k):
     """sparse_gpt.abstopk's contract (fp32, bf16 or fp16; 0 < k <= width), by the kernel above."""
-    if x.element_size() not in (2, 4) or not 0 < k <= x.shape[-1]:
+    if not x.is_floating_point() or x.element_size() not in (2, 4) or not 0 < k <= x.shape[-1]:
         raise ValueError(f"the Triton AbsTopK takes 16- and 32-bit floats and 0 < k <= width, not {x.dtype}, k={k}")
     return abstopk_and_mask(x, k)[0]

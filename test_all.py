@@ -190,7 +190,7 @@ def test_abstopk_by_triton_is_refused_off_a_gpu_and_without_triton(tmp_path, mon
         with pytest.raises(UserError, match=r"abstopk_by=triton .* is a kernel for CUDA GPUs; on --device=cpu pass "):
             train.train(tiny_train_config(tmp_path, abstopk_by="triton", device="cpu"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(UserError, match=r"abstopk_by=triton needs the triton package .* or pass --abstopk_by=radix"):
+    with pytest.raises(UserError, match=r"abstopk_by=triton needs the triton package .* or pass --abstopk_by=topk --compile=False"):
         train.make_model(tiny_train_config(tmp_path, abstopk_by="triton", device="cuda"))
 
 
@@ -202,14 +202,15 @@ def test_the_triton_kernel_selects_as_radix_does_in_tritons_interpreter(tmp_path
     torch.manual_seed(0)
     wide = torch.randn(6, 3 * 40)
     rows = [(torch.randn(5, 7, 40), 10), (wide[:, 40:80], 8),   # a slice, as q, k and v are (fp32: strided)
-            (torch.randn(3, 33), 33), (torch.randn(4, 24), 1)]
+            (torch.randn(3, 33), 33), (torch.randn(4, 24), 1),
+            (torch.randn(3, 2048), 512), (torch.randn(2, 64), 16)]   # one row a program; no padding
     x = torch.randn(4, 48)
     x[0, 6:] = 0                                               # fewer than k nonzeros: ties at 0
     x[1, 10:] = x[1, 9]                                        # ties at a nonzero k-th |x|
     x[2, [3, 7]] = math.inf
     x[3, :] = -x[3, 0]                                         # a row of one |x|
     rows.append((x, 12))
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for y, k in rows:
             y, y_ref = y.to(dtype).detach().requires_grad_(), y.to(dtype).detach().clone().requires_grad_()
             kept, ref = abstopk_triton.abstopk(y, k), lowest_index_abstopk(y_ref, k)
@@ -217,8 +218,13 @@ def test_the_triton_kernel_selects_as_radix_does_in_tritons_interpreter(tmp_path
             kept.backward(grad)
             ref.backward(grad)
             assert torch.equal(kept, ref) and torch.equal(y.grad, y_ref.grad), (dtype, y.shape, k)
-    with pytest.raises(ValueError, match="k=0"):
-        abstopk_triton.abstopk(x, 0)
+        nan = torch.randn(2, 40, dtype=dtype)
+        nan[0, [5, 30]], nan[1, 2] = math.nan, -math.nan       # ranked by its bits, above inf, as radix ranks it
+        kept, ref = abstopk_triton.abstopk(nan, 8), abstopk_radix(nan, 8)
+        assert torch.equal(kept.isnan(), ref.isnan()) and torch.equal(kept.nan_to_num(), ref.nan_to_num()), dtype
+    for bad, k in ((x, 0), (x, 49), (x.to(torch.int32), 2)):
+        with pytest.raises(ValueError, match=f"k={k}"):
+            abstopk_triton.abstopk(bad, k)
     cfg = tiny_train_config(tmp_path, abstopk_by="triton", device="cpu", afrac=0.5)
     model, by_topk = train.make_model(cfg), train.make_model(dataclasses.replace(cfg, abstopk_by="topk"))
     by_topk.load_state_dict(model.state_dict())

@@ -182,8 +182,9 @@ def check_abstopk_by(cfg):
         raise UserError(f"--abstopk_by=triton (given, the gpu preset's, or saved in a resumed run) is a kernel "
                         f"for CUDA GPUs; on --device={cfg.device} pass --abstopk_by=topk")
     if importlib.util.find_spec("triton") is None:
-        raise UserError("--abstopk_by=triton needs the triton package (CUDA builds of torch install it): "
-                        "pip install triton, or pass --abstopk_by=radix")
+        raise UserError("--abstopk_by=triton needs the triton package (CUDA builds of torch on Linux install "
+                        "it): pip install triton, or pass --abstopk_by=topk --compile=False (compiling for a GPU "
+                        "needs triton too)")
 
 
 def make_model(cfg):
