@@ -15,6 +15,7 @@ import difflib
 import math
 import os
 import re
+import socket
 import sys
 
 import torch
@@ -121,7 +122,7 @@ def check_out_dir(key, path):
 def atomic_file(path, mode="w"):
     """A temp file to write path's new contents to; on success it is synced to disk and renamed
     over path, so a reader, or a crash, sees the old file or the new one, never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"   # per process: parallel writers of one path never share a temp file
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"   # parallel writers (DDP ranks, nodes) never share one
     remove_dead_writers_files(path)
     try:
         with open(tmp, mode) as f:
@@ -135,12 +136,13 @@ def atomic_file(path, mode="w"):
 
 
 def remove_dead_writers_files(path):
-    """A writer killed outright (kill -9, power cut) cannot clean up: its path.<pid>.tmp is removed
-    by the next write of path, once no process has that pid. Only where a pid can be asked about
+    """A writer killed outright (kill -9, power cut) cannot clean up: its path.<host>.<pid>.tmp is
+    removed by the next write of path on the same host, once no process has that pid (another
+    host's pids, on a shared filesystem, are not ours to judge). Only where a pid can be asked about
     without harm (POSIX: on Windows os.kill(pid, 0) would stop the process)."""
     if os.name != "posix":
         return
-    prefix = os.path.basename(path) + "."
+    prefix = f"{os.path.basename(path)}.{socket.gethostname()}."
     for name in os.listdir(os.path.dirname(path) or "."):
         pid = name[len(prefix):-len(".tmp")]
         if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit()):

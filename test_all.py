@@ -16,6 +16,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -856,9 +857,12 @@ def test_a_writer_killed_outright_leaves_a_temp_file_that_the_next_write_removes
     assert writer.stdout.readline() == "writing\n"
     writer.kill()                                              # SIGKILL: no finally runs
     writer.wait()
-    left = tmp_path / f"ckpt.pt.{writer.pid}.tmp"
+    host = socket.gethostname()
+    left = tmp_path / f"ckpt.pt.{host}.{writer.pid}.tmp"
     assert left.exists()
-    kept = [tmp_path / f"ckpt.pt.{os.getppid()}.tmp", tmp_path / "ckpt.pt.notes.tmp"]   # a live writer's; no writer's
+    kept = [tmp_path / f"ckpt.pt.{host}.{os.getppid()}.tmp",        # a live writer's,
+            tmp_path / f"ckpt.pt.other-host.{writer.pid}.tmp",      # one on another host sharing the folder,
+            tmp_path / "ckpt.pt.notes.tmp"]                          # no writer's
     for other in kept:
         other.write_text("not the next writer's to remove")
     write_atomic(str(path), "new")
