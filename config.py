@@ -15,10 +15,16 @@ import difflib
 import math
 import os
 import re
-import socket
+import secrets
 import sys
+import time
 
 import torch
+
+try:
+    import fcntl                # POSIX file locks: how a dead writer's temp file is told from a live one's
+except ImportError:             # Windows
+    fcntl = None
 
 
 class UserError(ValueError):
@@ -122,10 +128,13 @@ def check_out_dir(key, path):
 def atomic_file(path, mode="w"):
     """A temp file to write path's new contents to; on success it is synced to disk and renamed
     over path, so a reader, or a crash, sees the old file or the new one, never half of one."""
-    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"   # parallel writers (DDP ranks, nodes) never share one
-    remove_dead_writers_files(path)
+    folder, name = os.path.split(path)
+    remove_dead_writers_files(folder or ".", name)
+    tmp = f"{path}.{secrets.token_hex(6)}.tmp"   # a name of its own: parallel writers (DDP ranks) never share one
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode.replace("w", "x")) as f:     # x: made by this call, not an existing file truncated
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_EX)            # held while writing: what marks a live writer's file
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -135,24 +144,26 @@ def atomic_file(path, mode="w"):
             os.remove(tmp)
 
 
-def remove_dead_writers_files(path):
-    """A writer killed outright (kill -9, power cut) cannot clean up: its path.<host>.<pid>.tmp is
-    removed by the next write of path on the same host, once no process has that pid (another
-    host's pids, on a shared filesystem, are not ours to judge). Only where a pid can be asked about
-    without harm (POSIX: on Windows os.kill(pid, 0) would stop the process)."""
-    if os.name != "posix":
+def remove_dead_writers_files(folder, name):
+    """A writer killed outright (kill -9, power cut) cannot clean up after itself; the OS does
+    release its lock. So a temp file of name whose lock is free, and that is over a minute old (a
+    new one's writer may not hold its lock yet), is removed by the next write of name. Best effort:
+    it never fails the write. Not on Windows (no flock), where such files stay."""
+    if fcntl is None:
         return
-    prefix = f"{os.path.basename(path)}.{socket.gethostname()}."
-    for name in os.listdir(os.path.dirname(path) or "."):
-        pid = name[len(prefix):-len(".tmp")]
-        if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit()):
-            continue
+    ours = re.compile(re.escape(name) + r"\.[0-9a-f]{12}\.tmp")
+    try:
+        names = os.listdir(folder)
+    except OSError:                              # an unreadable folder: nothing to clean
+        return
+    for other in [os.path.join(folder, n) for n in names if ours.fullmatch(n)]:
         try:
-            os.kill(int(pid), 0)                # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            with contextlib.suppress(FileNotFoundError):   # another writer may have removed it first
-                os.remove(os.path.join(os.path.dirname(path), name))
-        except (PermissionError, OverflowError):   # another user's process, or a name no pid has
+            if time.time() - os.path.getmtime(other) < 60:
+                continue
+            with open(other, "r+b") as f:        # r+: an exclusive lock on NFS needs a writable file
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)   # BlockingIOError: a live writer holds it
+                os.remove(other)
+        except OSError:                          # held, gone meanwhile, a folder of that name: leave it
             pass
 
 
