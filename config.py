@@ -133,8 +133,9 @@ def atomic_file(path, mode="w"):
     tmp = f"{path}.{secrets.token_hex(6)}.tmp"   # a name of its own: parallel writers (DDP ranks) never share one
     try:
         with open(tmp, mode.replace("w", "x")) as f:     # x: made by this call, not an existing file truncated
-            if fcntl:
-                fcntl.flock(f, fcntl.LOCK_EX)            # held while writing: what marks a live writer's file
+            if fcntl:                                    # held while writing: what marks a live writer's file
+                with contextlib.suppress(OSError):       # (a filesystem without locks: then no cleanup either)
+                    fcntl.flock(f, fcntl.LOCK_EX)
             yield f
             f.flush()
             os.fsync(f.fileno())
