@@ -107,7 +107,7 @@ def abs_bits(x):
 def kth_largest(rows, k):
     """Each row's k-th largest entry of a 2-D CPU tensor, as a column, by numpy's partition (a
     vectorized selection): on a CPU about 5x faster than topk per 8192 x 128 AbsTopK site, and 10-17x
-    faster than kthvalue on the projection's stacks (README, Performance)."""
+    faster than kthvalue on the projection's stacks (docs/performance_log.md)."""
     n = rows.shape[1]
     return torch.from_numpy(np.partition(rows.numpy(), n - k, axis=1)[:, n - k:n - k + 1])
 

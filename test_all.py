@@ -517,13 +517,15 @@ def test_config_parsing_and_bad_values(capsys):
 
 
 def test_every_setting_the_readme_passes_is_one_its_script_takes():
-    """A renamed setting must not leave the README's commands behind (they would stop at an unknown key)."""
+    """A renamed setting must not leave the README's commands behind (they would stop at an unknown key),
+    nor those of the performance log, which says how each figure was measured."""
     settings = {"train": train.TrainConfig, "bench": bench.BenchConfig, "bridge": bridge.BridgeConfig,
                 "prune": prune.PruneConfig, "headline": headline.HeadlineConfig, "tasks": tasks.TaskConfig,
                 "draw": draw.DrawConfig, "data": data.DataConfig}
-    text = re.sub(r"\\?\n\s*", " ", open(README).read())     # commands continued over lines, in code or in prose
+    text = " ".join(re.sub(r"\\?\n\s*", " ", open(path).read())   # commands continued over lines
+                    for path in (README, os.path.join(HERE, "docs", "performance_log.md")))
     commands = re.findall(r"python (\w+)\.py((?: --\w+=\S*)*)", text)
-    assert len(commands) > 40
+    assert len(commands) > 60
     for script, args in commands:
         known = {f.name for f in dataclasses.fields(settings[script])}
         assert not [a for a in args.split() if a[2:].split("=")[0] not in known], (script, args)
