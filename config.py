@@ -130,7 +130,8 @@ def atomic_file(path, mode="w"):
     over path, so a reader, or a crash, sees the old file or the new one, never half of one."""
     folder, name = os.path.split(path)
     remove_dead_writers_files(folder or ".", name)
-    tmp = f"{path}.{secrets.token_hex(6)}.tmp"   # a name of its own: parallel writers (DDP ranks) never share one
+    # a name of its own, so parallel writers (DDP ranks) never share one; 12 hex digits, as the cleanup matches
+    tmp = f"{path}.{secrets.token_hex(6)}.tmp"
     try:
         with open(tmp, mode.replace("w", "x")) as f:     # x: made by this call, not an existing file truncated
             if fcntl:                                    # held while writing: what marks a live writer's file

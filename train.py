@@ -467,6 +467,12 @@ def train(cfg):
         f"AbsTopK {abstopk_setting(model.config)}; {world} process(es) on {cfg.device}")
     if cfg.dtype != "float32" and not cfg.device.startswith("cuda"):
         log(f"note: --dtype={cfg.dtype} is autocast on CUDA only; on {cfg.device} this run computes in float32")
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
+    passes = tokens_per_step * cfg.max_iters / len(train_tokens)
+    if passes > 50:   # above the gpu preset's ~30 passes over our stdlib, far below a small folder's hundreds
+        log(f"note: {cfg.max_iters} steps of {tokens_per_step:,} tokens read the train split ({len(train_tokens):,} "
+            f"tokens) {passes:.0f} times over: a model learns such a small corpus by heart; give a folder with "
+            "more .py files, or fewer --max_iters")
 
     raw = model
     if cfg.compile:
@@ -474,12 +480,6 @@ def train(cfg):
     if ddp:
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if cfg.device.startswith("cuda") else None)
     autocast = autocast_for(cfg)
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world
-    passes = tokens_per_step * cfg.max_iters / len(train_tokens)   # the gpu preset reads our stdlib's ~30 times
-    if passes > 50:
-        log(f"note: {cfg.max_iters} steps of {tokens_per_step:,} tokens read the train split ({len(train_tokens):,} "
-            f"tokens) {passes:.0f} times over: a model learns such a small corpus by heart; give a folder with "
-            "more .py files, or fewer --max_iters")
     stop = cfg.stop_iter or cfg.max_iters
     history, t0, saved_step = [], time.time(), start
     t_log, steps_since = t0, start   # for the rate since the last progress line
