@@ -163,8 +163,9 @@ def peak_rss():
 def time_in_turns(variants, steps, rounds, warmup, each_round):
     """{name: (TrainConfig, keep_memory)} -> ({name: ms/step of each round, tokens/s, projection_ms,
     peak_mem_mb}, [each_round() of each round]). Each variant is built and warmed up once, in its own
-    process (spawned, so CUDA works); then, round after round, each times its share of the steps in
-    turn while the rest wait, and then this process runs each_round (bench_shape: the matmul peak).
+    process (spawned, so CUDA works), all at once; then, round after round, each times its share of
+    the steps in turn while the rest wait, and then this process runs each_round (bench_shape: the
+    matmul peak).
     A shared machine speeds up and slows down by tens of percent within minutes: taken in turns, that
     moves every variant of a round alike, and a ratio is taken within each round."""
     context, workers = multiprocessing.get_context("spawn"), {}   # rounds <= steps (bench.py's main sees to it)
@@ -176,7 +177,8 @@ def time_in_turns(variants, steps, rounds, warmup, each_round):
             process.start()
             child_conn.close()        # ours closed: a worker that dies ends its pipe (EOFError below)
             workers[name] = process, conn
-            ask(name, process, conn)  # built and warmed up
+        for name in workers:          # built and warmed up, all side by side: no timing is running yet
+            ask(name, *workers[name])
         ms, measured = {name: [] for name in variants}, []
         for r, share in enumerate(shares):
             for name in list(workers)[::1 if r % 2 == 0 else -1]:   # every other round the other way round

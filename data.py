@@ -16,6 +16,7 @@ Everything lives in out/data/<key>/, where key hashes the inputs; a change of in
 import base64
 import dataclasses
 import hashlib
+import heapq
 import json
 import os
 import stat
@@ -123,7 +124,8 @@ def val_flags(relpaths, sizes, val_every):
 def train_bpe(text_chunks, vocab_size=VOCAB_SIZE, verbose=False):
     """Byte-level BPE: returns tiktoken mergeable ranks {token bytes: rank} with vocab_size - 1
     entries (the last id is left for <|endoftext|>). Works on the unique pre-tokenized chunks with
-    incremental pair counts, so each merge touches only the chunks that contain its pair."""
+    incremental pair counts, so each merge touches only the chunks that contain its pair, and finds
+    the most frequent pair on a heap (ties to the pair counted first), not by a scan of all pairs."""
     words = [list(w.encode("utf-8")) for w in text_chunks]  # unique chunks as symbol-id lists
     counts = list(text_chunks.values())
     vocab = {i: bytes([i]) for i in range(256)}
@@ -134,19 +136,28 @@ def train_bpe(text_chunks, vocab_size=VOCAB_SIZE, verbose=False):
         for pair in zip(w, w[1:]):
             pair_counts[pair] += counts[wi]
             where[pair].add(wi)
+    first_seen = {pair: i for i, pair in enumerate(pair_counts)}
+    # (-count, first seen, pair): ties to the pair counted first, as a scan in dict order gave them (the
+    # same tokenizer); a count that changes is pushed anew, and its old entry skipped when popped
+    heap = [(-count, first_seen[pair], pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
     next_id = 256
-    while len(ranks) < vocab_size - 1 and pair_counts:
-        best = max(pair_counts, key=pair_counts.get)
-        if pair_counts[best] <= 0:
+    while len(ranks) < vocab_size - 1 and heap:
+        minus_count, _, best = heapq.heappop(heap)
+        if pair_counts.get(best) != -minus_count:           # stale: its count has changed since
+            continue
+        if minus_count >= 0:
             break
         new_bytes = vocab[best[0]] + vocab[best[1]]
         vocab[next_id] = new_bytes
         if new_bytes not in ranks:   # two merge orders can make the same bytes: one rank for them
             ranks[new_bytes] = len(ranks)
+        changed = set()
         for wi in where.pop(best):
             w, c = words[wi], counts[wi]
             for pair in zip(w, w[1:]):                       # retract this word's old pairs
                 pair_counts[pair] -= c
+                changed.add(pair)
             merged, i = [], 0
             while i < len(w):
                 if i + 1 < len(w) and (w[i], w[i + 1]) == best:
@@ -159,7 +170,12 @@ def train_bpe(text_chunks, vocab_size=VOCAB_SIZE, verbose=False):
             for pair in zip(merged, merged[1:]):             # and count its new ones
                 pair_counts[pair] += c
                 where[pair].add(wi)
+                first_seen.setdefault(pair, len(first_seen))
+                changed.add(pair)
         del pair_counts[best]
+        changed.discard(best)
+        for pair in changed:
+            heapq.heappush(heap, (-pair_counts[pair], first_seen[pair], pair))
         next_id += 1
         if verbose and len(ranks) % 256 == 0:
             print(f"bpe: {len(ranks)} tokens")

@@ -553,6 +553,14 @@ def run_script(*args, cwd=HERE):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def run_scripts(arg_lists, cwd=HERE):
+    """run_script for each, side by side: each spends most of its time importing torch on one core."""
+    children = [subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for args in arg_lists]
+    outputs = [child.communicate(timeout=120) for child in children]
+    return [subprocess.CompletedProcess(child.args, child.returncode, *out) for child, out in zip(children, outputs)]
+
+
 def one_line_error(args, cwd=HERE):
     """Run a script; assert exit code 2 and a single 'error: ...' line on stderr; return that line."""
     result = run_script(*args, cwd=cwd)
@@ -591,8 +599,7 @@ def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path):
     cases = [["train.py", "--bogus=1"], ["train.py", "--max_iters=ten"], ["train.py", "--l0_frac=2"],
              ["train.py", "--afrac=0"], ["train.py", f"--data_dir={tmp_path / 'empty'}", f"--out_dir={tmp_path / 'o'}"],
              ["train.py", f"--out_dir={tmp_path}", "--resume=True"]]
-    for args in cases:
-        result = run_script(*args)
+    for args, result in zip(cases, run_scripts(cases)):
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
@@ -716,6 +723,10 @@ def test_bpe_training_on_a_toy_corpus():
     ranks = data.train_bpe(Counter({"aaab": 5, "ab": 3}), vocab_size=256 + 3)
     # pair counts: aa 10, ab 8; after merging aa: (aa,a) 5, ab still 8 (incremental counts)
     assert ranks[b"aa"] == 256 and ranks[b"ab"] == 257 and len(ranks) == 258
+    # ties go to the pair counted first (cd, then ab; then cd+ab, counted before ab+cd), and a pair whose
+    # count fell (da: 2, then 0 once cd is merged) is not merged on the count it had
+    ranks = data.train_bpe(Counter({"cdab": 2, "abcd": 2}), vocab_size=256 + 4)
+    assert sorted(ranks, key=ranks.get)[256:] == [b"cd", b"ab", b"cdab"]
 
 
 def test_data_dir_without_py_files_or_with_too_little_text_is_a_user_error(tmp_path):
@@ -1840,18 +1851,13 @@ def test_a_target_at_or_above_chance_gets_a_note_in_prune_and_headline(tiny_ckpt
     assert "note: --target_loss=0.7 is at or above chance" in capsys.readouterr().out
 
 
-def run_prune(*args):
-    return subprocess.run([sys.executable, "prune.py", *args], cwd=HERE, capture_output=True, text=True,
-                          timeout=120)
-
-
 def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, tiny_ckpt, corpus):
     cases = [(["--task=no_such_task"], "unknown task 'no_such_task'"),
              (["--task=for_while", "--target_loss=0.3"], "does not solve for_while: full-model test loss 0.7"),
              (["--task=all", "--target_loss=0.3"], "solves none of the 20 tasks"),
              (["--ablation=half"], "--ablation=half is unknown")]
-    for args, words in cases:
-        result = run_prune(*fast_args(tiny_ckpt, tmp_path / "out", *args))
+    results = run_scripts([["prune.py", *fast_args(tiny_ckpt, tmp_path / "out", *args)] for args, _ in cases])
+    for (args, words), result in zip(cases, results):
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, result.stderr)
