@@ -109,12 +109,13 @@ def variant(shape, device, batch_size, cpu_compile=False, **overrides):
 
 
 def training_worker(conn, cfg, warmup, keep_memory=True):
-    """In its own process, so that its peak memory is its own: build cfg's training step and warm it
-    up, then time as many steps as the parent asks, each time it asks, until it asks for 0; then send
-    peak memory and the projection timed alone. keep_memory: the allocator setting every script runs
-    with (config.keep_freed_memory); False is glibc's default."""
+    """In its own process, so that its peak memory is its own: when the parent says "build", build
+    cfg's training step and warm it up, then time as many steps as the parent asks, each time it asks,
+    until it asks for 0; then send peak memory and the projection timed alone. keep_memory: the
+    allocator setting every script runs with (config.keep_freed_memory); False is glibc's default."""
     if keep_memory:
         keep_freed_memory()
+    conn.recv()                       # "build": one worker at a time, so a compile tunes on an idle device
     torch.manual_seed(0)
     model = raw = make_model(cfg)
     optimizer = make_optimizer(raw, cfg)
@@ -163,9 +164,8 @@ def peak_rss():
 def time_in_turns(variants, steps, rounds, warmup, each_round):
     """{name: (TrainConfig, keep_memory)} -> ({name: ms/step of each round, tokens/s, projection_ms,
     peak_mem_mb}, [each_round() of each round]). Each variant is built and warmed up once, in its own
-    process (spawned, so CUDA works), all at once; then, round after round, each times its share of
-    the steps in turn while the rest wait, and then this process runs each_round (bench_shape: the
-    matmul peak).
+    process (spawned, so CUDA works); then, round after round, each times its share of the steps in
+    turn while the rest wait, and then this process runs each_round (bench_shape: the matmul peak).
     A shared machine speeds up and slows down by tens of percent within minutes: taken in turns, that
     moves every variant of a round alike, and a ratio is taken within each round."""
     context, workers = multiprocessing.get_context("spawn"), {}   # rounds <= steps (bench.py's main sees to it)
@@ -177,8 +177,8 @@ def time_in_turns(variants, steps, rounds, warmup, each_round):
             process.start()
             child_conn.close()        # ours closed: a worker that dies ends its pipe (EOFError below)
             workers[name] = process, conn
-        for name in workers:          # built and warmed up, all side by side: no timing is running yet
-            ask(name, *workers[name])
+        for name in workers:          # started together (their imports overlap), built and warmed up in turn
+            ask(name, *workers[name], "build")
         ms, measured = {name: [] for name in variants}, []
         for r, share in enumerate(shares):
             for name in list(workers)[::1 if r % 2 == 0 else -1]:   # every other round the other way round

@@ -555,9 +555,17 @@ def run_script(*args, cwd=HERE):
 
 def run_scripts(arg_lists, cwd=HERE):
     """run_script for each, side by side: each spends most of its time importing torch on one core."""
-    children = [subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for args in arg_lists]
-    outputs = [child.communicate(timeout=120) for child in children]
+    children = []
+    try:
+        for args in arg_lists:
+            children.append(subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True))
+        outputs = [child.communicate(timeout=120) for child in children]
+    finally:
+        for child in children:        # after a timeout or a failed start: none left running
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
     return [subprocess.CompletedProcess(child.args, child.returncode, *out) for child, out in zip(children, outputs)]
 
 
@@ -2735,7 +2743,7 @@ def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path, monkeyp
     runs, extra = bench.time_in_turns({"dense": (dense, True), "sparse": (cfg, True)}, steps=3, rounds=2, warmup=1,
                                       each_round=lambda: len(asked))
     assert extra == [4, 6]                                         # run after each round's turns
-    assert asked == [("dense", None), ("sparse", None),       # each built and warmed up, then turns:
+    assert asked == [("dense", "build"), ("sparse", "build"),  # each built and warmed up, then turns:
                      ("dense", 2), ("sparse", 2), ("sparse", 1), ("dense", 1),   # the second round the other way
                      ("dense", 0), ("sparse", 0)]              # then their peak memory and projection
     for name, r in runs.items():
