@@ -549,12 +549,9 @@ def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_w
     assert not (tmp_path / "o").exists()
 
 
-def run_script(*args, cwd=HERE):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
 def run_scripts(arg_lists, cwd=HERE):
-    """run_script for each, side by side: each spends most of its time importing torch on one core."""
+    """Run each script side by side (each spends most of its time importing torch on one core); a
+    CompletedProcess for each, its output as text."""
     children = []
     try:
         for args in arg_lists:
@@ -567,6 +564,10 @@ def run_scripts(arg_lists, cwd=HERE):
                 child.kill()
                 child.communicate()
     return [subprocess.CompletedProcess(child.args, child.returncode, *out) for child, out in zip(children, outputs)]
+
+
+def run_script(*args, cwd=HERE):
+    return run_scripts([args], cwd)[0]
 
 
 def one_line_error(args, cwd=HERE):
