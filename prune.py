@@ -48,7 +48,7 @@ from config import (UserError, atomic_file, check_not_negative, check_out_dir, c
                     resolve_device, run_main, write_atomic)
 from draw import circuit_svg, curve_svg
 from sparse_gpt import ALL_SPARSE_SITES, RMSNorm
-from tasks import TASKS, collate, get_task, load_model, make_prompts, prompt_losses, task_loss
+from tasks import TASKS, collate, evaluate, get_task, load_model, make_prompts, prompt_losses, task_loss
 
 
 @dataclass
@@ -560,13 +560,12 @@ def main(argv):
                 raise
             print(f"skipped: {e}")
             continue
-        batches = make_batches(model, test[name], device, cfg)
-        full[name] = task_loss(*eval_logits(model, batches, None, None))[0].item()
+        full[name] = evaluate(model, test[name], device, cfg.eval_batch_size)[0]   # as tasks.py and headline.py do
     if not full:
         raise UserError(f"{cfg.ckpt}: none of the {len(names)} tasks can be posed to this model (see above)")
     solved = [name for name in full if full[name] <= cfg.target_loss]
     best = min(full, key=full.get)
-    if not solved and len(names) == 1:   # a NoCircuit: headline.py's own evaluation may round the other way
+    if not solved and len(names) == 1:   # a NoCircuit: an outcome headline.py records
         raise NoCircuit(f"{cfg.ckpt} does not solve {best}: full-model test loss {full[best]:.4f} > "
                         f"--target_loss={cfg.target_loss}")
     if not solved:
