@@ -64,7 +64,7 @@ class PruneConfig:
     calibrate: bool = False            # bisect and report after a 16-step LBFGS logit scale + shift
     nonsense: bool = False             # also prune the control with the answers swapped
     # mask optimization: the center of the authors' search [paper]
-    steps: int = 800                   # about 4 minutes on 2 cores (d_model 128, 4 layers); more keeps shrinking it
+    steps: int = 800                   # 3-8 minutes on 2 cores, by host (d_model 128, 4 layers); more keeps shrinking it
     batch_size: int = 64               # task prompts per step ...
     micro_batches: int = 0             # ... run as this many length-sorted pieces; 0 = 4 on a CPU (less
                                        # padding; fewer if a step has fewer prompts), 1 on a GPU (a quarter
