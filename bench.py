@@ -9,18 +9,21 @@ one run on whatever device is here, for the CPU and GPU preset shapes.
 
 What it measures, per shape (random tokens: speed does not depend on the text):
 - ms/step, tokens/s and peak memory of a training step (forward, backward, grad-RMS normalization,
-  Adam, top-k projection) for three variants, each in its own process so peak memory is its own:
-  dense (l0_frac=1, afrac=1), sparse (the preset), and sparse without AbsTopK (afrac=1); on a CPU
-  also sparse under glibc's default allocator, for what keeping freed memory buys (every script does,
-  config.keep_freed_memory). The step is taken at an L0 past the anneal, as for most of a run. The
-  variants take turns, a share of the steps each in every round, and each ratio is the median over
-  rounds of the ratio within a round: a shared host's speed drifts between minutes by tens of percent.
-  The variants' processes live together: a run holds the sum of their peak memory.
-- the share of a sparse step spent in the weight top-k projection (timed alone) and in AbsTopK
-  (sparse step minus the same step without AbsTopK), and our projection against a naive reference
-  that sorts every matrix fully. AbsTopK's forward is also timed alone on the sites' shapes as the
-  preset selects in eager calls (our Triton kernel, as in its compiled step, with the GPU preset on a
-  GPU; numpy's partition on a CPU), against topk on |x| and a scatter.
+  Adam, top-k projection) for four variants, each in its own process so peak memory is its own:
+  dense (l0_frac=1, afrac=1), sparse (the preset), sparse without AbsTopK (afrac=1), and sparse with
+  AbsTopK's selection skipped (a fixed random mask of k per row at each site: the floor under any
+  AbsTopK done as x * mask); on a CPU also sparse under glibc's default allocator, for what keeping
+  freed memory buys (every script does, config.keep_freed_memory). The step is taken at an L0 past
+  the anneal, as for most of a run. The variants take turns, a share of the steps each in every
+  round, and each ratio is the median over rounds of the ratio within a round: a shared host's
+  speed drifts between minutes by tens of percent. The variants' processes live together: a run
+  holds the sum of their peak memory.
+- the share of a sparse step spent in the weight top-k projection (timed alone), in AbsTopK (sparse
+  step minus the same step without AbsTopK) and in its selection (minus the step with fixed masks),
+  and our projection against a naive reference that sorts every matrix fully. AbsTopK's forward is
+  also timed alone on the sites' shapes as the preset selects in eager calls (our Triton kernel, as
+  in its compiled step, with the GPU preset on a GPU; numpy's partition on a CPU), against topk on
+  |x| and a scatter.
 - MFU: model FLOPs per token (6 N + 12 L d T, N = matmul weights) times tokens/s, over the peak
   matmul rate measured here in the dtype the shape trains in (fp32 on a CPU): in every round, after
   the variants' turns, and each round's steps against that round's peak (the median over rounds).
@@ -108,16 +111,19 @@ def variant(shape, device, batch_size, cpu_compile=False, **overrides):
     return dataclasses.replace(cfg, compile=compile, abstopk_by=by, **overrides)
 
 
-def training_worker(conn, cfg, warmup, keep_memory=True):
+def training_worker(conn, cfg, warmup, keep_memory=True, fixed_masks=False):
     """In its own process, so that its peak memory is its own: when the parent says "build", build
     cfg's training step and warm it up, then time as many steps as the parent asks, each time it asks,
     until it asks for 0; then send peak memory and the projection timed alone. keep_memory: the
-    allocator setting every script runs with (config.keep_freed_memory); False is glibc's default."""
+    allocator setting every script runs with (config.keep_freed_memory); False is glibc's default.
+    fixed_masks: AbsTopK without its selection (use_fixed_masks)."""
     if keep_memory:
         keep_freed_memory()
     conn.recv()                       # "build": one worker at a time, so a compile tunes on an idle device
     torch.manual_seed(0)
     model = raw = make_model(cfg)
+    if fixed_masks:
+        use_fixed_masks(raw, cfg)
     optimizer = make_optimizer(raw, cfg)
     if cfg.compile:
         model = torch.compile(model)
@@ -151,6 +157,20 @@ def training_worker(conn, cfg, warmup, keep_memory=True):
     conn.send({"projection_ms": proj * 1e3, "peak_mem_mb": peak / 2**20})
 
 
+def use_fixed_masks(model, cfg):
+    """AbsTopK without choosing: each sparse site multiplies by its own 0/1 mask of k random places
+    per row, drawn once. A step still pays what any selection done as x * mask pays (the output, the
+    mask kept for backward, the masked gradient), so this step is the floor under AbsTopK's cost."""
+    generator = torch.Generator(cfg.device).manual_seed(0)
+    for site in model.sites.values():
+        if site.k:
+            width = model.config.d_mlp if site.kind == "mlp_neuron" else model.config.d_model
+            noise = torch.rand(cfg.batch_size, cfg.block_size, width, generator=generator, device=cfg.device)
+            mask = torch.zeros_like(noise, dtype=site_dtype(site.kind, cfg))
+            mask.scatter_(-1, noise.topk(site.k, dim=-1).indices, 1)
+            site.abstopk = lambda x, k, mask=mask: x * mask
+
+
 def peak_rss():
     """This process's peak resident memory in bytes. Linux's VmHWM starts afresh in a spawned process;
     ru_maxrss (the fallback elsewhere) can carry the parent's peak over."""
@@ -162,7 +182,7 @@ def peak_rss():
 
 
 def time_in_turns(variants, steps, rounds, warmup, each_round):
-    """{name: (TrainConfig, keep_memory)} -> ({name: ms/step of each round, tokens/s, projection_ms,
+    """{name: (TrainConfig, training_worker's options)} -> ({name: ms/step of each round, tokens/s, projection_ms,
     peak_mem_mb}, [each_round() of each round]). Each variant is built and warmed up once, in its own
     process (spawned, so CUDA works); then, round after round, each times its share of the steps in
     turn while the rest wait, and then this process runs each_round (bench_shape: the matmul peak).
@@ -171,9 +191,9 @@ def time_in_turns(variants, steps, rounds, warmup, each_round):
     context, workers = multiprocessing.get_context("spawn"), {}   # rounds <= steps (bench.py's main sees to it)
     shares = [steps // rounds + (r < steps % rounds) for r in range(rounds)]   # 10 in 4: 3, 3, 2, 2
     try:
-        for name, (cfg, keep_memory) in variants.items():
+        for name, (cfg, options) in variants.items():
             conn, child_conn = context.Pipe()
-            process = context.Process(target=training_worker, args=(child_conn, cfg, warmup, keep_memory))
+            process = context.Process(target=training_worker, args=(child_conn, cfg, warmup), kwargs=options)
             process.start()
             child_conn.close()        # ours closed: a worker that dies ends its pipe (EOFError below)
             workers[name] = process, conn
@@ -282,15 +302,19 @@ def other_abstopk(cfg):
     return {"triton": "radix", "radix": "topk", "topk": "radix"}[cfg.abstopk_by]
 
 
+def site_dtype(kind, cfg):
+    """What a sparse site sees: a matmul's or GELU's output in autocast's dtype, RMSNorm's (the *_in
+    sites) in fp32."""
+    low = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32
+    return torch.float32 if kind.endswith("_in") else low
+
+
 def abstopk_alone_ms(cfg, reps):
     """ms per step in AbsTopK's forward alone at every sparse site, as cfg's sites select in eager
     calls (abstopk_by radix: by topk), and the plain way: topk on |x|, then a scatter into zeros.
     (ours, plain)"""
     c, rows = cfg.model_config(), cfg.batch_size * cfg.block_size
-    low = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32   # autocast's dtype
-    # what each site sees: a matmul's or GELU's output in autocast's dtype, RMSNorm's (the *_in sites) in fp32
-    shapes = Counter((width, torch.float32 if kind.endswith("_in") else low)
-                     for kind, width in zip(c.sparse_sites, c.abstopk_widths()))
+    shapes = Counter((width, site_dtype(kind, cfg)) for kind, width in zip(c.sparse_sites, c.abstopk_widths()))
 
     def plain_abstopk(x, k):
         idx = x.abs().topk(k, dim=-1, sorted=False).indices
@@ -325,7 +349,7 @@ def bench_shape(shape, bc, device):
     sparse = variant(shape, device, batch, bc.cpu_compile)
     dense = variant(shape, device, batch, bc.cpu_compile, l0_frac=1.0, afrac=1.0)
     no_abstopk = variant(shape, device, batch, bc.cpu_compile, afrac=1.0)
-    variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk)]
+    variants = [("dense", dense), ("sparse", sparse), ("sparse_no_abstopk", no_abstopk), ("sparse_fixed_masks", sparse)]
     if sparse.compile:                # the GPU preset compiles: what that buys against eager, and AbsTopK fused
         eager_by = "topk" if sparse.abstopk_by == "radix" else sparse.abstopk_by   # radix is compiled code's
         variants += [(name + "_eager", dataclasses.replace(cfg, compile=False, abstopk_by=eager_by))
@@ -335,7 +359,8 @@ def bench_shape(shape, bc, device):
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
     dtype = sparse.dtype if device.startswith("cuda") else "float32"   # MFU against the peak of what it trains in
-    runs, peaks = time_in_turns({name: (cfg, name != "sparse_glibc_malloc") for name, cfg in variants},
+    options = {"sparse_glibc_malloc": {"keep_memory": False}, "sparse_fixed_masks": {"fixed_masks": True}}
+    runs, peaks = time_in_turns({name: (cfg, options.get(name, {})) for name, cfg in variants},
                                 bc.steps, bc.rounds, bc.warmup, lambda: matmul_peak(device, dtype))
     for name, r in runs.items():
         print(f"  {shape} {name:<18} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:9.0f} tok/s "
@@ -362,6 +387,8 @@ def bench_shape(shape, bc, device):
             "sparse_over_dense_rounds": per_round("sparse", "dense"),
             "projection_share": runs["sparse"]["projection_ms"] / s,
             "abstopk_share": max(0.0, 1 - ratio("sparse_no_abstopk", "sparse")),   # (sparse - no AbsTopK) / sparse
+            "abstopk_selection_share": max(0.0, 1 - ratio("sparse_fixed_masks", "sparse")),
+            "fixed_masks_over_dense_step": ratio("sparse_fixed_masks", "dense"),   # sparse/dense with a free selection
             "abstopk_forward_ms": abstopk_ms, "abstopk_forward_share": abstopk_ms / s,
             "abstopk_plain_over_ours": abstopk_plain_ms / abstopk_ms if abstopk_ms else None,
             "naive_over_ours_projection": naive / ours,
@@ -391,7 +418,8 @@ def main(argv):
         lo, hi = min(r["sparse_over_dense_rounds"]), max(r["sparse_over_dense_rounds"])
         print(f"{shape}: sparse/dense step {r['sparse_over_dense_step']:.2f} (rounds {lo:.2f}-{hi:.2f}) | "
               f"projection {r['projection_share']:.1%} of a step | AbsTopK {r['abstopk_share']:.1%} "
-              f"(its forward alone, eager, {r['abstopk_forward_share']:.1%}"
+              f"(its selection {r['abstopk_selection_share']:.1%}: with fixed masks sparse/dense "
+              f"{r['fixed_masks_over_dense_step']:.2f}; its forward alone, eager, {r['abstopk_forward_share']:.1%}"
               + (f"; topk and a scatter {r['abstopk_plain_over_ours']:.2f}x as long" if r["abstopk_plain_over_ours"] else "")
               + f") | naive/ours projection {r['naive_over_ours_projection']:.1f}x "
               f"({r['naive_projection_ms']:.1f} vs {r['projection_ms']:.1f} ms) | MFU sparse "

@@ -2526,6 +2526,26 @@ def test_bench_times_every_projection_on_the_weights_as_adam_leaves_them():
     assert len(seen) >= 3 and all(torch.equal(a, b) for call in seen + [after] for a, b in zip(call, start))
 
 
+def test_bench_fixed_masks_keep_k_per_row_at_every_sparse_site_the_same_each_step(tmp_path):
+    cfg = tiny_train_config(tmp_path, device="cpu")   # the floor under AbsTopK: its output and masked gradient, no choice
+    model = train.make_model(cfg)
+    bench.use_fixed_masks(model, cfg)
+    kept = {}
+    for step in range(2):                                         # other text each step: the places stay
+        x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size))
+        _, cache = model.run_with_cache(x, [name for name, site in model.sites.items() if site.k])
+        for name, act in cache.items():
+            site = model.sites[name]
+            assert act.dtype == torch.float32 and ((act != 0).sum(-1) == site.k).all(), name
+            assert step == 0 or torch.equal(act != 0, kept[name]), name
+            kept[name] = act != 0
+        assert len(cache) == 8 * cfg.n_layer
+    h = torch.randn(cfg.batch_size, cfg.block_size, model.config.d_model, requires_grad=True)
+    site = model.sites["0.attn.q"]
+    site(h).sum().backward()
+    assert torch.equal(h.grad != 0, site(h) != 0) and ((h.grad != 0).sum(-1) == site.k).all()   # exactly k, masked
+
+
 def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
     code = """
 import resource, sys, torch
@@ -2717,7 +2737,8 @@ def test_bench_compares_the_presets_abstopk_with_another_way(monkeypatch):
 
 def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
     # a host slowing down mid-run: round 2 is slow for both; compared within rounds, sparse is 1.5x dense
-    rounds = {"dense": [10, 20, 40], "sparse": [15, 50, 60], "sparse_no_abstopk": [12, 40, 48]}
+    rounds = {"dense": [10, 20, 40], "sparse": [15, 50, 60], "sparse_no_abstopk": [12, 40, 48],
+              "sparse_fixed_masks": [12, 45, 54]}
     stub_bench_timings_but_the_steps(monkeypatch)
     peaks = [1e9, 4e9, 2e9]                                           # the matmul peak, measured in each round
     monkeypatch.setattr(bench, "time_in_turns", lambda variants, *a: ({
@@ -2727,6 +2748,8 @@ def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
     assert r["sparse_over_dense_step"] == pytest.approx(1.5)          # the medians' ratio would say 2.5
     assert r["sparse_over_dense_rounds"] == pytest.approx([1.5, 2.5, 1.5])
     assert r["abstopk_share"] == pytest.approx(0.2)                    # 1 - median(12/15, 40/50, 48/60)
+    assert r["abstopk_selection_share"] == pytest.approx(0.1)          # 1 - median(12/15, 45/50, 54/60)
+    assert r["fixed_masks_over_dense_step"] == pytest.approx(1.35)     # median(12/10, 45/20, 54/40)
     flops = r["batch_size"] * r["block_size"] * r["flops_per_token"]    # per step
     assert r["runs"]["dense"]["mfu"] == pytest.approx(statistics.median(flops / (ms / 1e3) / p for ms, p in
                                                                         zip(rounds["dense"], peaks)))
@@ -2741,7 +2764,7 @@ def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path, monkeyp
         asked.append((name, message))
         return ask(name, process, conn, message)
     monkeypatch.setattr(bench, "ask", recording_ask)
-    runs, extra = bench.time_in_turns({"dense": (dense, True), "sparse": (cfg, True)}, steps=3, rounds=2, warmup=1,
+    runs, extra = bench.time_in_turns({"dense": (dense, {}), "sparse": (cfg, {})}, steps=3, rounds=2, warmup=1,
                                       each_round=lambda: len(asked))
     assert extra == [4, 6]                                         # run after each round's turns
     assert asked == [("dense", "build"), ("sparse", "build"),  # each built and warmed up, then turns:
@@ -2753,7 +2776,7 @@ def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path, monkeyp
     assert runs["sparse"]["projection_ms"] > 0 and runs["dense"]["projection_ms"] == 0   # dense projects nothing
     # a variant whose process fails stops the benchmark with its name (its traceback goes to stderr), not a hang
     with pytest.raises(RuntimeError, match="timing broken stopped with exit code 1"):
-        bench.time_in_turns({"dense": (dense, True), "broken": (dataclasses.replace(cfg, device="cuda:99"), True)},
+        bench.time_in_turns({"dense": (dense, {}), "broken": (dataclasses.replace(cfg, device="cuda:99"), {})},
                             steps=1, rounds=1, warmup=0, each_round=lambda: None)
     assert not multiprocessing.active_children()                 # the healthy one was stopped too
 
