@@ -11,8 +11,8 @@ What it measures, per shape (random tokens: speed does not depend on the text):
 - ms/step, tokens/s and peak memory of a training step (forward, backward, grad-RMS normalization,
   Adam, top-k projection) for four variants, each in its own process so peak memory is its own:
   dense (l0_frac=1, afrac=1), sparse (the preset), sparse without AbsTopK (afrac=1), and sparse with
-  AbsTopK's selection skipped (a fixed random mask of k per row at each site: the floor under any
-  AbsTopK done as x * mask); on a CPU also sparse under glibc's default allocator, for what keeping
+  AbsTopK's selection skipped (a fixed random mask of k per row at each site: what AbsTopK costs
+  apart from choosing); on a CPU also sparse under glibc's default allocator, for what keeping
   freed memory buys (every script does, config.keep_freed_memory). The step is taken at an L0 past
   the anneal, as for most of a run. The variants take turns, a share of the steps each in every
   round, and each ratio is the median over rounds of the ratio within a round: a shared host's
@@ -158,17 +158,22 @@ def training_worker(conn, cfg, warmup, keep_memory=True, fixed_masks=False):
 
 
 def use_fixed_masks(model, cfg):
-    """AbsTopK without choosing: each sparse site multiplies by its own 0/1 mask of k random places
-    per row, drawn once. A step still pays what any selection done as x * mask pays (the output, the
-    mask kept for backward, the masked gradient), so this step is the floor under AbsTopK's cost."""
+    """AbsTopK without choosing: each sparse site keeps k random places per row, drawn once, in the
+    form AbsTopK itself takes on this device (on a CPU x times a float mask, as abstopk; on a GPU a
+    bool mask, as our kernel). A step still pays the output, the mask kept for the backward and the
+    masked gradient; what it skips is the selection, the making of each step's mask included."""
+    widths = dict(zip(model.config.sparse_sites, model.config.abstopk_widths()))
+    # a generator of its own: the global random stream, and so the worker's tokens, stay the sparse variant's
     generator = torch.Generator(cfg.device).manual_seed(0)
     for site in model.sites.values():
         if site.k:
-            width = model.config.d_mlp if site.kind == "mlp_neuron" else model.config.d_model
-            noise = torch.rand(cfg.batch_size, cfg.block_size, width, generator=generator, device=cfg.device)
-            mask = torch.zeros_like(noise, dtype=site_dtype(site.kind, cfg))
-            mask.scatter_(-1, noise.topk(site.k, dim=-1).indices, 1)
-            site.abstopk = lambda x, k, mask=mask: x * mask
+            shape = (cfg.batch_size, cfg.block_size, widths[site.kind])
+            noise = torch.rand(shape, generator=generator, device=cfg.device)
+            mask = torch.zeros_like(noise, dtype=torch.bool).scatter_(-1, noise.topk(site.k, dim=-1).indices, True)
+            if cfg.device == "cpu":   # the CPU trains in fp32 (autocast_for)
+                site.abstopk = lambda x, k, mask=mask.float(): x * mask
+            else:
+                site.abstopk = lambda x, k, mask=mask: torch.where(mask, x, 0)
 
 
 def peak_rss():
@@ -182,7 +187,7 @@ def peak_rss():
 
 
 def time_in_turns(variants, steps, rounds, warmup, each_round):
-    """{name: (TrainConfig, training_worker's options)} -> ({name: ms/step of each round, tokens/s, projection_ms,
+    """{name: (TrainConfig, options for training_worker)} -> ({name: ms/step of each round, tokens/s, projection_ms,
     peak_mem_mb}, [each_round() of each round]). Each variant is built and warmed up once, in its own
     process (spawned, so CUDA works); then, round after round, each times its share of the steps in
     turn while the rest wait, and then this process runs each_round (bench_shape: the matmul peak).
@@ -302,19 +307,15 @@ def other_abstopk(cfg):
     return {"triton": "radix", "radix": "topk", "topk": "radix"}[cfg.abstopk_by]
 
 
-def site_dtype(kind, cfg):
-    """What a sparse site sees: a matmul's or GELU's output in autocast's dtype, RMSNorm's (the *_in
-    sites) in fp32."""
-    low = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32
-    return torch.float32 if kind.endswith("_in") else low
-
-
 def abstopk_alone_ms(cfg, reps):
     """ms per step in AbsTopK's forward alone at every sparse site, as cfg's sites select in eager
     calls (abstopk_by radix: by topk), and the plain way: topk on |x|, then a scatter into zeros.
     (ours, plain)"""
     c, rows = cfg.model_config(), cfg.batch_size * cfg.block_size
-    shapes = Counter((width, site_dtype(kind, cfg)) for kind, width in zip(c.sparse_sites, c.abstopk_widths()))
+    low = getattr(torch, cfg.dtype) if cfg.device.startswith("cuda") else torch.float32   # autocast's dtype
+    # what each site sees: a matmul's or GELU's output in autocast's dtype, RMSNorm's (the *_in sites) in fp32
+    shapes = Counter((width, torch.float32 if kind.endswith("_in") else low)
+                     for kind, width in zip(c.sparse_sites, c.abstopk_widths()))
 
     def plain_abstopk(x, k):
         idx = x.abs().topk(k, dim=-1, sorted=False).indices
@@ -359,6 +360,7 @@ def bench_shape(shape, bc, device):
     if device == "cpu" and keep_freed_memory():   # what it buys (CPU tensors only; 0 where it does nothing)
         variants.append(("sparse_glibc_malloc", sparse))
     dtype = sparse.dtype if device.startswith("cuda") else "float32"   # MFU against the peak of what it trains in
+    # variants of the sparse config told apart by how their process runs it
     options = {"sparse_glibc_malloc": {"keep_memory": False}, "sparse_fixed_masks": {"fixed_masks": True}}
     runs, peaks = time_in_turns({name: (cfg, options.get(name, {})) for name, cfg in variants},
                                 bc.steps, bc.rounds, bc.warmup, lambda: matmul_peak(device, dtype))

@@ -2527,11 +2527,12 @@ def test_bench_times_every_projection_on_the_weights_as_adam_leaves_them():
 
 
 def test_bench_fixed_masks_keep_k_per_row_at_every_sparse_site_the_same_each_step(tmp_path):
-    cfg = tiny_train_config(tmp_path, device="cpu")   # the floor under AbsTopK: its output and masked gradient, no choice
+    # AbsTopK's cost apart from choosing: its output and its masked gradient, at places that never move
+    cfg = tiny_train_config(tmp_path, device="cpu")
     model = train.make_model(cfg)
     bench.use_fixed_masks(model, cfg)
     kept = {}
-    for step in range(2):                                         # other text each step: the places stay
+    for step in range(2):                                         # new tokens each step: the same places
         x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size))
         _, cache = model.run_with_cache(x, [name for name, site in model.sites.items() if site.k])
         for name, act in cache.items():
