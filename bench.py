@@ -187,8 +187,8 @@ def peak_rss():
 
 
 def time_in_turns(variants, steps, rounds, warmup, each_round):
-    """{name: (TrainConfig, options for training_worker)} -> ({name: ms/step of each round, tokens/s, projection_ms,
-    peak_mem_mb}, [each_round() of each round]). Each variant is built and warmed up once, in its own
+    """{name: (TrainConfig, training_worker's keyword options)} -> ({name: ms/step of each round,
+    tokens/s, projection_ms, peak_mem_mb}, [each_round() of each round]). Each variant is built and warmed up once, in its own
     process (spawned, so CUDA works); then, round after round, each times its share of the steps in
     turn while the rest wait, and then this process runs each_round (bench_shape: the matmul peak).
     A shared machine speeds up and slows down by tens of percent within minutes: taken in turns, that
