@@ -116,14 +116,13 @@ def training_worker(conn, cfg, warmup, keep_memory=True, fixed_masks=False):
     cfg's training step and warm it up, then time as many steps as the parent asks, each time it asks,
     until it asks for 0; then send peak memory and the projection timed alone. keep_memory: the
     allocator setting every script runs with (config.keep_freed_memory); False is glibc's default.
-    fixed_masks: AbsTopK without its selection (use_fixed_masks)."""
+    fixed_masks: cfg's step with AbsTopK's selection skipped (fixed_mask_hooks)."""
     if keep_memory:
         keep_freed_memory()
     conn.recv()                       # "build": one worker at a time, so a compile tunes on an idle device
     torch.manual_seed(0)
-    model = raw = make_model(cfg)
-    if fixed_masks:
-        use_fixed_masks(raw, cfg)
+    model = raw = make_model(dataclasses.replace(cfg, afrac=1.0) if fixed_masks else cfg)
+    hooks = fixed_mask_hooks(raw, cfg) if fixed_masks else {}   # in AbsTopK's place, at its sites
     optimizer = make_optimizer(raw, cfg)
     if cfg.compile:
         model = torch.compile(model)
@@ -132,7 +131,7 @@ def training_worker(conn, cfg, warmup, keep_memory=True, fixed_masks=False):
     step = cfg.max_iters - 1          # past the anneal: the L0 of most of a run (lr is irrelevant here)
 
     def train_step():                 # train.py's step, one micro-batch, one process
-        with autocast:
+        with autocast, raw.hooks(hooks):
             _, loss = model(x, y)
         loss.backward()
         optimizer_step(raw, optimizer, step, cfg)
@@ -150,30 +149,37 @@ def training_worker(conn, cfg, warmup, keep_memory=True, fixed_masks=False):
     frac = l0_at(step + 1, cfg)
     proj = 0.0
     if frac < 1:                      # one more step, unprojected: the weights the projection gets in a step
-        with autocast:
+        with autocast, raw.hooks(hooks):
             model(x, y)[1].backward()
         optimizer_step(raw, optimizer, step, dataclasses.replace(cfg, l0_frac=1.0))
         proj = projection_seconds(raw, lambda: raw.project_weights(frac), timed, cfg.device)
     conn.send({"projection_ms": proj * 1e3, "peak_mem_mb": peak / 2**20})
 
 
-def use_fixed_masks(model, cfg):
-    """AbsTopK without choosing: each sparse site keeps k random places per row, drawn once, in the
-    form AbsTopK itself takes on this device (on a CPU x times a float mask, as abstopk; on a GPU a
-    bool mask, as our kernel). A step still pays the output, the mask kept for the backward and the
-    masked gradient; what it skips is the selection, the making of each step's mask included."""
-    widths = dict(zip(model.config.sparse_sites, model.config.abstopk_widths()))
+def fixed_mask_hooks(model, cfg):
+    """AbsTopK's cost apart from choosing, for a model built without AbsTopK: hooks at the sites where
+    cfg's AbsTopK selects that keep k random places per row, drawn once, in the form AbsTopK takes on
+    this device (x times a float mask on a CPU, as abstopk; a bool mask on a GPU, as our kernel). The
+    step still pays the output, the mask kept for the backward and the masked gradient; it skips the
+    selection, the making of each step's mask included."""
+    c = cfg.model_config()
+    widths = dict(zip(c.sparse_sites, c.abstopk_widths()))   # none when afrac = 1
     # a generator of its own: the global random stream, and so the worker's tokens, stay the sparse variant's
     generator = torch.Generator(cfg.device).manual_seed(0)
-    for site in model.sites.values():
-        if site.k:
+    masks = {}
+    for name, site in model.sites.items():
+        if site.kind in widths:
             shape = (cfg.batch_size, cfg.block_size, widths[site.kind])
             noise = torch.rand(shape, generator=generator, device=cfg.device)
-            mask = torch.zeros_like(noise, dtype=torch.bool).scatter_(-1, noise.topk(site.k, dim=-1).indices, True)
+            keep = noise.topk(int(c.afrac * widths[site.kind]), dim=-1).indices      # k, as Site has it
+            masks[name] = torch.zeros_like(noise, dtype=torch.bool).scatter_(-1, keep, True)
             if cfg.device == "cpu":   # the CPU trains in fp32 (autocast_for)
-                site.abstopk = lambda x, k, mask=mask.float(): x * mask
-            else:
-                site.abstopk = lambda x, k, mask=mask: torch.where(mask, x, 0)
+                masks[name] = masks[name].float()
+
+    def keep_fixed_places(x, name):
+        mask = masks[name]
+        return torch.where(mask, x, 0) if mask.dtype == torch.bool else x * mask
+    return dict.fromkeys(masks, keep_fixed_places)
 
 
 def peak_rss():

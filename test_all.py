@@ -2529,22 +2529,25 @@ def test_bench_times_every_projection_on_the_weights_as_adam_leaves_them():
 def test_bench_fixed_masks_keep_k_per_row_at_every_sparse_site_the_same_each_step(tmp_path):
     # AbsTopK's cost apart from choosing: its output and its masked gradient, at places that never move
     cfg = tiny_train_config(tmp_path, device="cpu")
-    model = train.make_model(cfg)
-    bench.use_fixed_masks(model, cfg)
+    model = train.make_model(dataclasses.replace(cfg, afrac=1.0))   # as bench.py's worker builds it
+    hooks = bench.fixed_mask_hooks(model, cfg)
+    assert len(hooks) == 8 * cfg.n_layer
     kept = {}
     for step in range(2):                                         # new tokens each step: the same places
         x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size))
-        _, cache = model.run_with_cache(x, [name for name, site in model.sites.items() if site.k])
+        with model.hooks(hooks):
+            _, cache = model.run_with_cache(x, list(hooks))
         for name, act in cache.items():
-            site = model.sites[name]
-            assert act.dtype == torch.float32 and ((act != 0).sum(-1) == site.k).all(), name
+            k = int(cfg.afrac * act.shape[-1])
+            assert act.dtype == torch.float32 and ((act != 0).sum(-1) == k).all(), name
             assert step == 0 or torch.equal(act != 0, kept[name]), name
             kept[name] = act != 0
-        assert len(cache) == 8 * cfg.n_layer
     h = torch.randn(cfg.batch_size, cfg.block_size, model.config.d_model, requires_grad=True)
-    site = model.sites["0.attn.q"]
-    site(h).sum().backward()
-    assert torch.equal(h.grad != 0, site(h) != 0) and ((h.grad != 0).sum(-1) == site.k).all()   # exactly k, masked
+    with model.hooks(hooks):
+        out = model.sites["0.attn.q"](h)
+    out.sum().backward()
+    k = int(cfg.afrac * model.config.d_model)
+    assert torch.equal(h.grad != 0, out != 0) and ((h.grad != 0).sum(-1) == k).all()   # exactly k, masked
 
 
 def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
