@@ -50,6 +50,7 @@ import torch
 
 from config import UserError, check_out_dir, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
 from sparse_gpt import GPT, abstopk_function, target_nonzeros
+from tasks import get_task
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_optimizer, optimizer_step
 
 
@@ -74,6 +75,7 @@ class BenchConfig:
                 raise UserError(f"--shapes={self.shapes}: {shape!r} is unknown; allowed: {', '.join(PRESETS)}")
         if len(set(shapes)) < len(shapes):
             raise UserError(f"--shapes={self.shapes} names a shape twice: give each once")
+        get_task(self.prune_task)   # its name first: a misspelled task needs more than a checkpoint
         if self.prune_task != BenchConfig.prune_task and not self.prune_ckpt:
             raise UserError(f"--prune_task={self.prune_task} needs --prune_ckpt=<a checkpoint that solves it>")
         if self.steps <= 0 or self.rounds <= 0 or self.warmup < 0:

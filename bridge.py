@@ -47,6 +47,11 @@ from train import (MODEL_KEYS, TrainConfig, abstopk_setting, autocast_for, batch
 TRAIN_ONLY_KEYS = ("preset", "compile", "abstopk_by", "gradient_accumulation_steps", "sample_tokens", "eval_task")
 
 
+def train_only_error(arg):
+    return UserError(f"{arg} is a train.py setting that bridge.py does not use "
+                     f"({', '.join(TRAIN_ONLY_KEYS)} stay at their defaults)")
+
+
 @dataclass
 class BridgeConfig(TrainConfig):
     """train.py's settings (the sparse model and its training), plus the bridges' and steering's."""
@@ -77,9 +82,10 @@ class BridgeConfig(TrainConfig):
     def __post_init__(self):
         unused = [k for k in TRAIN_ONLY_KEYS if getattr(self, k) != getattr(BridgeConfig, k)]
         if unused:   # before train.py's checks, which would judge such a value as if it were used
-            raise UserError(f"--{unused[0]}={as_arg(getattr(self, unused[0]))} is a train.py setting that "
-                            f"bridge.py does not use ({', '.join(TRAIN_ONLY_KEYS)} stay at their defaults)")
+            raise train_only_error(f"--{unused[0]}={as_arg(getattr(self, unused[0]))}")
         super().__post_init__()
+        if not self.dense:
+            raise UserError("--dense is empty; give the dense model's checkpoint (trained with --l0_frac=1 --afrac=1)")
         self.dense = data.user_dir(self.dense)   # saved absolute: steering and resuming from elsewhere find it
         if not 0.0 < self.bridge_afrac <= 1.0:
             raise UserError(f"--bridge_afrac={self.bridge_afrac} is outside (0, 1]")
@@ -270,6 +276,9 @@ def config_from_args(argv):
     cfg = parse_args(BridgeConfig, argv)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     flags = [a.split("=", 1)[0] for a in argv]       # parse_args has checked that each is --key=value
+    refused = [arg for arg, flag in zip(argv, flags) if flag[2:] in TRAIN_ONLY_KEYS]
+    if refused:   # even at its default: --preset=cpu would not bring the cpu preset's max_iters here
+        raise train_only_error(refused[0])
     ignored = [flag for flag in flags if not used_by_steering(flag[2:])] if cfg.steer else []
     if ignored:
         raise UserError(f"{', '.join(ignored)}: not used with --steer=True, which takes the models and bridges "

@@ -112,8 +112,9 @@ def check_seed(value):
 
 
 def check_out_dir(key, path):
-    """A folder setting (out_dir, cache_dir) must name a folder, existing or not: checked with the
-    other settings, not found out when the first output is written after the work is done."""
+    """A folder setting (out_dir, cache_dir) must name a folder, existing or not, that we may write
+    in: checked with the other settings, not found out when the first output is written after the
+    work is done."""
     if not path:
         raise UserError(f"--{key} is empty; give a folder")
     part = path                                     # not normalized: a/../b needs a to be a folder too
@@ -122,6 +123,9 @@ def check_out_dir(key, path):
     if os.path.exists(part) and not os.path.isdir(part):
         where = "is a file" if part == path else f"is inside a file ({part})"
         raise UserError(f"--{key}={path} {where}, not a folder")
+    folder = part if os.path.exists(part) else "."  # a relative path none of which exists goes in this one
+    if not os.access(folder, os.W_OK | os.X_OK):   # read-only (a mount, permissions): else found at the first write
+        raise UserError(f"--{key}={path} cannot be written: {os.path.abspath(folder)} does not let us write in it")
 
 
 @contextlib.contextmanager

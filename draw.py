@@ -140,6 +140,9 @@ def curve_svg(rec):
 
 def main(argv):
     cfg = parse_args(DrawConfig, argv)
+    if not os.path.exists(cfg.circuit):
+        raise UserError(f"{cfg.circuit} does not exist: prune.py writes it (python prune.py --task=..."
+                        "), or pass --circuit=PATH")
     try:
         with open(cfg.circuit) as f:
             rec = json.load(f)

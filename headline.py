@@ -287,7 +287,8 @@ def compare(sparse_path, dense_paths, models, cfg, device):
           f"{gap:+.4f} from the sparse model's {sparse['val_loss']:.4f})")
     common = solved_by_all([sparse_path, match], models)
     if not common:
-        raise UserError(f"no task is solved at --target_loss={cfg.target_loss} by both {sparse_path} and {match}")
+        raise UserError(f"no task is solved at --target_loss={cfg.target_loss} by both {sparse_path} and {match}; "
+                        "try models trained on more text or a higher --target_loss")
     rows = []
     for task in common:
         try:

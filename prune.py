@@ -87,6 +87,8 @@ class PruneConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
+        if not self.ckpt:
+            raise UserError("--ckpt is empty; give a checkpoint (a train.py run's ckpt.pt)")
         if self.task != "all":
             get_task(self.task)
         if self.ablation not in ("mean", "task_mean", "zero"):
@@ -537,6 +539,9 @@ def chance_note(target_loss):
               "it, and so may an empty circuit")
 
 
+MORE_TRAINING = "try a model trained on more text (python train.py --preset=cpu45) or a higher --target_loss"
+
+
 def main(argv):
     cfg = parse_args(PruneConfig, argv)
     device = resolve_device(cfg.device)
@@ -567,10 +572,10 @@ def main(argv):
     best = min(full, key=full.get)
     if not solved and len(names) == 1:   # a NoCircuit: an outcome headline.py records
         raise NoCircuit(f"{cfg.ckpt} does not solve {best}: full-model test loss {full[best]:.4f} > "
-                        f"--target_loss={cfg.target_loss}")
+                        f"--target_loss={cfg.target_loss}; {MORE_TRAINING}")
     if not solved:
         raise UserError(f"{cfg.ckpt} solves none of the {len(full)} tasks at --target_loss={cfg.target_loss} "
-                        f"(best: {best}, full-model test loss {full[best]:.4f})")
+                        f"(best: {best}, full-model test loss {full[best]:.4f}); {MORE_TRAINING}")
     for name in (n for n in full if n not in solved):
         print(f"{name}: not solved (full-model test loss {full[name]:.4f}), skipped")
     # 2) the means to ablate to, once per checkpoint; 3) prune every solved task

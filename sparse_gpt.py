@@ -69,6 +69,8 @@ class GPTConfig:
         unknown = set(self.sparse_sites) - set(ALL_SPARSE_SITES)
         if unknown:
             raise ValueError(f"unknown sparse_sites {sorted(unknown)}; allowed: {', '.join(ALL_SPARSE_SITES)}")
+        if len(set(self.sparse_sites)) < len(self.sparse_sites):   # saved as given, it would read as a mistake
+            raise ValueError(f"sparse_sites={','.join(self.sparse_sites)} names a site twice: give each once")
 
     @property
     def n_head(self):
@@ -477,8 +479,10 @@ def load_checkpoint(path, device="cpu"):
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except (FileNotFoundError, NotADirectoryError):   # the latter: a part of the path is a file
         raise UserError(f"checkpoint {path} does not exist")
-    except IsADirectoryError:   # a run's --out_dir
-        raise UserError(f"checkpoint {path} is a folder; pass {os.path.join(path, 'ckpt.pt')}")
+    except IsADirectoryError:   # a run's --out_dir, or a folder named ckpt.pt
+        inside = os.path.join(path, "ckpt.pt")
+        raise UserError(f"checkpoint {path} is a folder" + (f"; pass {inside}" if os.path.isfile(inside) else
+                                                             ", not a checkpoint file"))
     except Exception as e:
         raise UserError(f"{path} is not a sparse-circuits checkpoint ({type(e).__name__})")
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
@@ -492,6 +496,7 @@ def model_in(ckpt, path):
         model = GPT(GPTConfig(**ckpt["model_config"]))   # TypeError: a setting this GPTConfig lacks
         model.load_state_dict(ckpt["model"])               # RuntimeError: other shapes or parameters
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} holds a model this code cannot build ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:160]})")
+        # load_state_dict's first line only says that there are errors: name the first of them too
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines())
+        raise UserError(f"{path} holds a model this code cannot build ({type(e).__name__}: {detail[:240]})")
     return model

@@ -59,6 +59,11 @@ class TaskConfig:
             raise UserError(f"--probe={self.probe} is unknown; allowed: bracket_dilution")
         if self.probe and not self.ckpt:
             raise UserError("--probe needs a model: add --ckpt=PATH")
+        unused = [key for key in ("task", "split", "n_prompts", "batch_size")
+                  if self.probe and getattr(self, key) != getattr(TaskConfig, key)]
+        if unused:   # the probe makes its own prompts: else the setting would be silently ignored
+            raise UserError(f"--{unused[0]}={getattr(self, unused[0])} is not used by --probe={self.probe}, "
+                            "which makes its own prompts (it takes --seed and --device)")
 
 # -----------------------------------------------------------------------------
 # pieces of realistic code: identifiers, literals and surrounding lines the tasks draw from
@@ -565,10 +570,10 @@ def list_tasks(names, enc, seed):
 def main(argv):
     cfg = parse_args(TaskConfig, argv)
     names = list(TASKS) if cfg.task == "all" else [cfg.task]
+    cfg.device = resolve_device(cfg.device)   # also when it lists the tasks: a bad --device is a mistake there too
     if not cfg.ckpt:
         list_tasks(names, data.get_encoding(data.prepare(data.DataConfig(), verbose=False)), cfg.seed)
         return
-    cfg.device = resolve_device(cfg.device)
     model, _, folder = load_model(cfg.ckpt, cfg.device)
     enc = data.get_encoding(folder)
     if cfg.probe == "bracket_dilution":
