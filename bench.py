@@ -48,7 +48,8 @@ from statistics import median
 
 import torch
 
-from config import UserError, check_out_dir, keep_freed_memory, parse_args, resolve_device, run_main, write_atomic
+from config import (UserError, check_out_dir, check_writable, keep_freed_memory, parse_args, resolve_device, run_main,
+                    write_atomic)
 from sparse_gpt import GPT, abstopk_function, target_nonzeros
 from tasks import get_task
 from train import PRESETS, TrainConfig, autocast_for, l0_at, make_model, make_optimizer, optimizer_step
@@ -412,6 +413,7 @@ def bench_shape(shape, bc, device):
 
 def main(argv):
     bc = parse_args(BenchConfig, argv)
+    check_writable("out_dir", bc.out_dir)
     if bc.rounds > bc.steps:          # a round times at least one step of each variant
         print(f"note: --rounds={bc.rounds} is more than --steps={bc.steps}: {bc.steps} round(s) of one step")
         bc.rounds = bc.steps

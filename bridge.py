@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 import data
 import tasks
-from config import (UserError, as_arg, check_not_negative, check_positive, parse_args, resolve_device, run_main,
-                    write_atomic)
+from config import (UserError, as_arg, check_not_negative, check_positive, check_writable, parse_args, resolve_device,
+                    run_main, write_atomic)
 from sparse_gpt import GPT, GPTConfig, abstopk, load_checkpoint, model_in
 from train import (MODEL_KEYS, TrainConfig, abstopk_setting, autocast_for, batch_for, check_finite, estimate_loss,
                    is_dense, load_optimizer_state, make_optimizer, optimizer_step, resumed_config, save_checkpoint)
@@ -48,8 +48,8 @@ TRAIN_ONLY_KEYS = ("preset", "compile", "abstopk_by", "gradient_accumulation_ste
 
 
 def train_only_error(arg):
-    return UserError(f"{arg} is a train.py setting that bridge.py does not use "
-                     f"({', '.join(TRAIN_ONLY_KEYS)} stay at their defaults)")
+    return UserError(f"{arg} is a train.py setting that bridge.py does not use: leave it out "
+                     f"(bridge.py keeps {', '.join(TRAIN_ONLY_KEYS)} at their defaults)")
 
 
 @dataclass
@@ -309,6 +309,7 @@ def train_step(sparse, dense, bridges, optimizer, bridge_opt, x, y, step, cfg):
 def train_bridges(cfg):
     settings = dataclasses.asdict(cfg)   # as asked: saved with the checkpoint (train.save_checkpoint)
     cfg.device = resolve_device(cfg.device)
+    check_writable("out_dir", cfg.out_dir)
     torch.manual_seed(cfg.seed)
     dense, dense_ckpt = load_dense(cfg.dense, cfg.device)
     data_dir = dense_ckpt.get("train_config", {}).get("data_dir", "")

@@ -1,9 +1,9 @@
 """
 nanoGPT's `--key=value` overrides, parsed against a settings dataclass (no exec), the one-line
-error every script gives for a user mistake (and the range checks settings share: check_positive,
-check_not_negative, check_seed, check_out_dir), atomic writes (atomic_file, write_atomic), and what
-every script's process starts with (set_up_process: keep_freed_memory, the allocator setting for
-faster CPU steps, and stdout written line by line).
+error every script gives for a user mistake (and the checks settings share: check_positive,
+check_not_negative, check_seed, check_out_dir, check_writable), atomic writes (atomic_file,
+write_atomic), and what every script's process starts with (set_up_process: keep_freed_memory, the
+allocator setting for faster CPU steps, and stdout written line by line).
 
     cfg = parse_args(TrainConfig, sys.argv[1:])   # --help lists the fields and their defaults
 """
@@ -111,20 +111,31 @@ def check_seed(value):
         raise UserError(f"--seed={value} is outside [-2**63, 2**63)")
 
 
-def check_out_dir(key, path):
-    """A folder setting (out_dir, cache_dir) must name a folder, existing or not, that we may write
-    in: checked with the other settings, not found out when the first output is written after the
-    work is done."""
-    if not path:
-        raise UserError(f"--{key} is empty; give a folder")
+def nearest_existing(path):
+    """path, or the nearest folder above it that exists ("" for a relative path none of which does)."""
     part = path                                     # not normalized: a/../b needs a to be a folder too
     while not os.path.exists(part) and os.path.dirname(part) not in ("", part):
-        part = os.path.dirname(part)                # the nearest part of it that exists must be a folder
-    if os.path.exists(part) and not os.path.isdir(part):
+        part = os.path.dirname(part)
+    return part if os.path.exists(part) else ""
+
+
+def check_out_dir(key, path):
+    """A folder setting (out_dir, cache_dir) must name a folder, existing or not: checked with the
+    other settings, not found out when the first output is written after the work is done."""
+    if not path:
+        raise UserError(f"--{key} is empty; give a folder")
+    part = nearest_existing(path)                   # the nearest part of it that exists must be a folder
+    if part and not os.path.isdir(part):
         where = "is a file" if part == path else f"is inside a file ({part})"
         raise UserError(f"--{key}={path} {where}, not a folder")
-    folder = part if os.path.exists(part) else "."  # a relative path none of which exists goes in this one
-    if not os.access(folder, os.W_OK | os.X_OK):   # read-only (a mount, permissions): else found at the first write
+
+
+def check_writable(key, path):
+    """Called by a script about to write in the folder path (which need not exist yet), before its
+    work: a read-only mount or a folder not ours is found now, not at the first write after it. Not
+    in check_out_dir: steering only reads a bridge run's folder, and a complete data cache is only read."""
+    folder = nearest_existing(path) or "."
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"--{key}={path} cannot be written: {os.path.abspath(folder)} does not let us write in it")
 
 

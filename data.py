@@ -31,7 +31,7 @@ import torch
 import regex  # installed with tiktoken (its own dependency): \p{L} classes like tiktoken's patterns
 import tiktoken
 
-from config import UserError, atomic_file, check_out_dir, parse_args, run_main, write_atomic
+from config import UserError, atomic_file, check_out_dir, check_writable, parse_args, run_main, write_atomic
 
 VOCAB_SIZE = 2048
 EOT = "<|endoftext|>"
@@ -271,6 +271,7 @@ def prepare(cfg=None, verbose=True):
     folder = os.path.abspath(os.path.join(cfg.cache_dir, cache_key(data_dir, files, cfg)))   # checkpoints record it
     if cache_is_complete(folder):
         return folder
+    check_writable("cache_dir", cfg.cache_dir)
     os.makedirs(folder, exist_ok=True)
     t0 = time.time()
     flags = val_flags([os.path.relpath(p, data_dir) for p in files], [os.path.getsize(p) for p in files], cfg.val_every)

@@ -140,12 +140,13 @@ def curve_svg(rec):
 
 def main(argv):
     cfg = parse_args(DrawConfig, argv)
-    if not os.path.exists(cfg.circuit):
-        raise UserError(f"{cfg.circuit} does not exist: prune.py writes it (python prune.py --task=..."
-                        "), or pass --circuit=PATH")
     try:
         with open(cfg.circuit) as f:
             rec = json.load(f)
+    except FileNotFoundError:
+        task = os.path.splitext(os.path.basename(cfg.circuit))[0]
+        raise UserError(f"{cfg.circuit} does not exist: python prune.py --task={task} writes it; "
+                        "or pass --circuit=PATH")
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg.circuit} is not a readable circuit record ({type(e).__name__})")
     if isinstance(rec, dict) and rec.get("n_nodes", 0) is None:   # headline.py's cache of a failed search

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import data
 import prune
-from config import (UserError, check_out_dir, check_positive, parse_args, resolve_device, run_main,
-                    set_up_process, write_atomic)
+from config import (UserError, check_out_dir, check_positive, check_writable, parse_args, resolve_device,
+                    run_main, set_up_process, write_atomic)
 from draw import SVG_HEAD, line, text
 from sparse_gpt import load_checkpoint
 from tasks import TASKS, evaluate, get_task, load_model, make_prompts
@@ -335,6 +335,7 @@ def row_notes(r, target_loss):
 
 def main(argv):
     cfg = parse_args(HeadlineConfig, argv)
+    check_writable("out_dir", cfg.out_dir)
     print("settings: " + json.dumps(dataclasses.asdict(cfg)))
     prune.chance_note(cfg.target_loss)
     device = resolve_device(cfg.device)

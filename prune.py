@@ -44,8 +44,8 @@ from functools import partial
 import torch
 
 import data
-from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed, parse_args,
-                    resolve_device, run_main, write_atomic)
+from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed,
+                    check_writable, parse_args, resolve_device, run_main, write_atomic)
 from draw import circuit_svg, curve_svg
 from sparse_gpt import ALL_SPARSE_SITES, RMSNorm
 from tasks import TASKS, collate, evaluate, get_task, load_model, make_prompts, prompt_losses, task_loss
@@ -539,12 +539,10 @@ def chance_note(target_loss):
               "it, and so may an empty circuit")
 
 
-MORE_TRAINING = "try a model trained on more text (python train.py --preset=cpu45) or a higher --target_loss"
-
-
 def main(argv):
     cfg = parse_args(PruneConfig, argv)
     device = resolve_device(cfg.device)
+    check_writable("out_dir", cfg.out_dir)
     if cfg.ckpt == PruneConfig.ckpt and not os.path.exists(cfg.ckpt):
         raise UserError(f"checkpoint {cfg.ckpt} (the default) does not exist: train it (python train.py "
                         "--preset=cpu45) or pass --ckpt=PATH")
@@ -572,10 +570,11 @@ def main(argv):
     best = min(full, key=full.get)
     if not solved and len(names) == 1:   # a NoCircuit: an outcome headline.py records
         raise NoCircuit(f"{cfg.ckpt} does not solve {best}: full-model test loss {full[best]:.4f} > "
-                        f"--target_loss={cfg.target_loss}; {MORE_TRAINING}")
+                        f"--target_loss={cfg.target_loss}; python tasks.py --ckpt={cfg.ckpt} shows the tasks it solves")
     if not solved:
         raise UserError(f"{cfg.ckpt} solves none of the {len(full)} tasks at --target_loss={cfg.target_loss} "
-                        f"(best: {best}, full-model test loss {full[best]:.4f}); {MORE_TRAINING}")
+                        f"(best: {best}, full-model test loss {full[best]:.4f}); try a model trained on more text "
+                        "(python train.py --preset=cpu45) or a higher --target_loss")
     for name in (n for n in full if n not in solved):
         print(f"{name}: not solved (full-model test loss {full[name]:.4f}), skipped")
     # 2) the means to ablate to, once per checkpoint; 3) prune every solved task

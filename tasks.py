@@ -59,11 +59,12 @@ class TaskConfig:
             raise UserError(f"--probe={self.probe} is unknown; allowed: bracket_dilution")
         if self.probe and not self.ckpt:
             raise UserError("--probe needs a model: add --ckpt=PATH")
-        unused = [key for key in ("task", "split", "n_prompts", "batch_size")
-                  if self.probe and getattr(self, key) != getattr(TaskConfig, key)]
-        if unused:   # the probe makes its own prompts: else the setting would be silently ignored
-            raise UserError(f"--{unused[0]}={getattr(self, unused[0])} is not used by --probe={self.probe}, "
-                            "which makes its own prompts (it takes --seed and --device)")
+        if self.probe:   # it makes its own prompts: a setting of the tasks' prompts would be silently ignored
+            unused = [key for key in ("task", "split", "n_prompts", "batch_size")
+                      if getattr(self, key) != getattr(TaskConfig, key)]
+            if unused:
+                raise UserError(f"--{unused[0]}={getattr(self, unused[0])} is not used by --probe={self.probe}, "
+                                "which makes its own prompts (it takes --seed and --device)")
 
 # -----------------------------------------------------------------------------
 # pieces of realistic code: identifiers, literals and surrounding lines the tasks draw from

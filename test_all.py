@@ -543,18 +543,10 @@ def test_every_setting_the_readme_passes_is_one_its_script_takes():
         assert not [a for a in args.split() if a[2:].split("=")[0] not in known], (script, args)
 
 
-def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_written(tmp_path, monkeypatch):
+def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_written(tmp_path):
     from config import resolve_device
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    if os.access(locked, os.W_OK):   # root writes there anyway: have it look as a read-only mount does to root
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK and real_access(path, mode)
-                            if os.fspath(path) == str(locked) else real_access(path, mode))
     for bad, words in [("--mlp_ratio=0", "mlp_ratio=0 must be positive"), ("--d_head=0", "d_head=0 must be positive"),
                        ("--sparse_sites=attn_q,mlp_in,attn_q", "sparse_sites=attn_q,mlp_in,attn_q names a site twice"),
-                       (f"--out_dir={locked}/runs/a", f"cannot be written: {locked} does not let us write in it"),
                        ("--d_model=-16", "d_model=-16 must be positive"), ("--d_model=0", "d_model=0 must be positive"),
                        ("--out_dir=", "out_dir is empty"), (f"--out_dir={__file__}", "is a file, not a folder"),
                        (f"--out_dir={__file__}/runs/a", r"is inside a file \(.*test_all.py\), not a folder"),
@@ -568,6 +560,31 @@ def test_bad_model_shape_out_dir_and_device_are_user_errors_before_anything_is_w
     with pytest.raises(UserError, match="--device=gpu is unknown; allowed: auto, cpu, cuda, cuda:N"):
         train.train(tiny_train_config(tmp_path / "o", device="gpu"))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_we_cannot_write_in_is_refused_before_the_work_and_a_complete_cache_still_read(tmp_path, corpus,
+                                                                                                 monkeypatch):
+    locked, cache = tmp_path / "locked", os.path.dirname(corpus[0])
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access
+    def access(path, mode):   # both as a read-only mount is, to root too (whom the chmod does not stop)
+        return not (os.fspath(path) in (str(locked), cache) and mode & os.W_OK) and real_access(path, mode)
+    monkeypatch.setattr(os, "access", access)
+    where = f"cannot be written: {locked} does not let us write in it"
+    with pytest.raises(UserError, match=f"--out_dir={locked}/runs/a {where}"):
+        train.train(tiny_train_config(locked / "runs" / "a"))
+    with pytest.raises(UserError, match=f"--out_dir={locked}/b {where}"):
+        bridge.train_bridges(tiny_bridge_config(locked / "b", "no_such_dense.pt"))
+    for main, args in ((prune.main, ["--ckpt=no_such.pt"]), (headline.main, []), (bench.main, [])):
+        with pytest.raises(UserError, match=f"--out_dir={locked}/o {where}"):
+            main(args + [f"--out_dir={locked}/o"])
+    assert data.prepare(data.DataConfig(), verbose=False) == corpus[0]   # a complete cache is only read
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    with pytest.raises(UserError, match=f"--cache_dir={locked}/data {where}"):
+        data.prepare(data.DataConfig(data_dir=str(tmp_path / "src"), cache_dir=f"{locked}/data"))
+    assert os.listdir(locked) == []
 
 
 def run_scripts(arg_lists, cwd=HERE):
@@ -1846,8 +1863,8 @@ def test_record_round_trips_through_json_and_rebuilds_the_same_circuit(tmp_path,
             json.dump({**loaded, **damage}, f)
         with pytest.raises(UserError, match=r"for_while.json is a damaged circuit record \(\w+Error"):
             draw.main([f"--circuit={base}.json"])
-    with pytest.raises(UserError, match=r"if_equals.json does not exist: prune.py writes it"):
-        draw.main([f"--circuit={base[:-len('for_while')]}if_equals.json"])   # not pruned yet
+    with pytest.raises(UserError, match=r"if_equals.json does not exist: python prune.py --task=if_equals writes it"):
+        draw.main([f"--circuit={os.path.join(os.path.dirname(base), 'if_equals.json')}"])   # not pruned yet
 
 
 def test_calibration_scales_by_a_positive_factor_so_a_wrong_model_stays_wrong():
@@ -1902,6 +1919,7 @@ def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, 
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, result.stderr)
+    assert results[1].stderr.strip().endswith(f"; python tasks.py --ckpt={tiny_ckpt} shows the tasks it solves")
     assert results[2].stderr.strip().endswith("; try a model trained on more text (python train.py --preset=cpu45) "
                                               "or a higher --target_loss")    # what to do about it
     assert not (tmp_path / "out").exists()

@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tasks
-from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed, default_of,
-                    parse_args, parse_values, resolve_device, run_main, write_atomic)
+from config import (UserError, atomic_file, check_not_negative, check_out_dir, check_positive, check_seed, check_writable,
+                    default_of, parse_args, parse_values, resolve_device, run_main, write_atomic)
 from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkpoint, target_nonzeros
 
 
@@ -402,6 +402,7 @@ def train(cfg):
     settings = dataclasses.asdict(cfg)   # as asked: saved with the checkpoint
     cfg.device = resolve_device(cfg.device)
     check_abstopk_by(cfg)             # before the data is built, not after
+    check_writable("out_dir", cfg.out_dir)
     rank, world = 0, 1
     if ddp:
         gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
