@@ -83,6 +83,16 @@ def test_abstopk_keeps_exactly_k_largest_and_grads_only_through_them(abstopk):
     assert ((abstopk(torch.ones(3, 8), 3) != 0).sum(-1) == 3).all()   # ties: still exactly k
 
 
+def test_abstopk_on_a_gpu_or_compiled_keeps_the_k_largest(monkeypatch):
+    """Its topk path (a GPU's, and what torch.compile traces) runs on a CPU for k = 0 or k > width only:
+    taken here as it is there, against a threshold from a full sort."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(0)
+    x = torch.randn(5, 40)
+    tenth = x.abs().sort(-1, descending=True).values[:, 9:10]
+    assert torch.equal(abstopk(x, 10), torch.where(x.abs() >= tenth, x, 0))
+
+
 def test_abstopk_on_bits_keeps_what_topk_on_abs_keeps():
     torch.manual_seed(0)
     x = torch.randn(64, 96) * torch.logspace(-30, 30, 64)[:, None]   # tiny to huge magnitudes, both signs
@@ -287,6 +297,8 @@ def test_site_names_unique_and_complete():
 def test_hooks_record_and_replace_exactly_what_they_should():
     torch.manual_seed(0)
     model = GPT(tiny_config())
+    with torch.no_grad():
+        model.bigram.normal_()                              # not its init's zeros: last= must read it at last
     idx = torch.randint(0, 64, (2, 16))
     logits, cache = model.run_with_cache(idx)
     assert len(cache) == len(model.sites)
@@ -457,6 +469,7 @@ def test_l0_and_lr_schedules_at_breakpoints():
     assert train.l0_at(500, cfg) == pytest.approx(1 / 16) and train.l0_at(900, cfg) == pytest.approx(1 / 16)
     mid = (10 + 500) / 2
     assert train.l0_at(mid, cfg) == pytest.approx((1 + 1 / 16) / 2)
+    assert train.l0_at(499, cfg) == pytest.approx(1 + (1 / 16 - 1) * 489 / 490)   # reaches the target at 500, not before
     # sharkfin: warmup over 1%, linear decay to 0, times sqrt(target / now)
     assert train.lr_at(0, cfg) == pytest.approx(0.01 * 0.1 * math.sqrt(1 / 16))
     assert train.lr_at(9, cfg) == pytest.approx(0.01 * math.sqrt(1 / 16))
@@ -774,6 +787,10 @@ def test_bpe_training_on_a_toy_corpus():
     # count fell (da: 2, then 0 once cd is merged) is not merged on the count it had
     ranks = data.train_bpe(Counter({"cdab": 2, "abcd": 2}), vocab_size=256 + 4)
     assert sorted(ranks, key=ranks.get)[256:] == [b"cd", b"ab", b"cdab"]
+    # a pair whose count a merge changed (ca: 4, then 2 once bc is merged) keeps its first place among
+    # the ties: after bb, ca (counted before ac), not ac
+    ranks = data.train_bpe(Counter({"abcbb": 2, "bcaca": 2}), vocab_size=256 + 4)
+    assert list(ranks)[256:] == [b"bc", b"bb", b"ca"]
 
 
 def test_data_dir_without_py_files_or_with_too_little_text_is_a_user_error(tmp_path):
@@ -868,7 +885,7 @@ def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_pa
                                             f": give a folder with more .py files{smaller}"):
             train.train(tiny_train_config(tmp_path / "o", device="cpu"))
     x, y = data.get_batch(np.arange(34, dtype=np.uint16), 2, 32, torch.Generator())   # 34 is enough
-    assert x.shape == y.shape == (2, 32)
+    assert x.shape == y.shape == (2, 32) and torch.equal(y, x + 1)   # each target the token after its input
     assert not (tmp_path / "o").exists()
 
 
@@ -1578,6 +1595,15 @@ def test_pretraining_means_are_the_mean_over_every_sampled_token(tmp_path, corpu
     _, cache = model.run_with_cache(x, prune.node_sites(model))
     for s in prune.node_sites(model):
         torch.testing.assert_close(means[s], cache[s].mean((0, 1)), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():                                                 # the checkpoint retrained in place:
+        model.blocks[0].mlp.c_fc.weight.mul_(2)                           # its means, not the cached ones
+    torch.save({}, ckpt)
+    os.utime(ckpt, ns=(os.stat(ckpt).st_atime_ns, os.stat(ckpt).st_mtime_ns + 10**9))
+    retrained, _ = prune.pretraining_means(model, ckpt, folder, cfg, "cpu")
+    torch.testing.assert_close(retrained["0.mlp.post_act"], model.run_with_cache(x)[1]["0.mlp.post_act"].mean((0, 1)))
+    assert not torch.allclose(retrained["0.mlp.post_act"], means["0.mlp.post_act"])
+    prune.pretraining_means(model, ckpt, folder, dataclasses.replace(cfg, seed=1), "cpu")   # another sample
+    assert len(os.listdir(tmp_path / "means")) == 3
 
 
 def test_mask_taus_stay_in_minus_1_to_1():
@@ -1657,6 +1683,7 @@ def test_bisection_finds_the_smallest_k_meeting_the_target():
         assert prune.bisect_k(loss_at, 100, 0.15, hi=hi) == 6
         assert len(calls) <= 2 + math.ceil(math.log2(102))
     assert prune.bisect_k(loss_at, 100, 2.0) == 0                 # the empty circuit already meets it
+    assert prune.bisect_k(loss_at, 100, 0.25) == 3                # 1/4 exactly: at the target meets it
     assert prune.bisect_k(loss_at, 100, 0.001) is None            # not even everything kept does
     steps = [0.9] * 37 + [0.1] * 64                               # a step function: the answer is 37
     assert prune.bisect_k(lambda k: steps[k], 100, 0.15, hi=80) == 37
@@ -1877,7 +1904,7 @@ def test_calibration_scales_by_a_positive_factor_so_a_wrong_model_stays_wrong():
     assert prune.readout_loss(logits, correct, alt, True) < 0.5 * prune.readout_loss(logits, correct, alt, False)
 
 
-def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, capsys):
+def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, capsys, monkeypatch):
     prune.main(fast_args(tiny_ckpt, tmp_path / "c", "--target_loss=0.8", "--task=for_while", "--nonsense=True",
                          "--tie_qk=True", "--freeze_norm=True", "--calibrate=True"))
     out = capsys.readouterr().out
@@ -1891,9 +1918,14 @@ def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, caps
         assert f"circuit 0.9000 | calibrated {calibrated_loss:.4f} ({verdict} the target 0.8)" in lines[1]
     assert "for_while: calibrated task loss against kept nodes" in open_text(tmp_path / "c" / "for_while_loss.svg")
     assert (tmp_path / "c" / "for_while.svg").exists() and (tmp_path / "c" / "for_while_loss.svg").exists()
-    assert len(os.listdir(tmp_path / "c" / "means")) == 1
+    (means_file,) = os.listdir(tmp_path / "c" / "means")
+    searched_with, search = [], prune.search
+    monkeypatch.setattr(prune, "search", lambda model, prompts, eval_prompts, means, *rest:
+                        searched_with.append(means) or search(model, prompts, eval_prompts, means, *rest))
     prune.main(fast_args(tiny_ckpt, tmp_path / "c", "--target_loss=0.8", "--task=for_while"))
-    assert len(os.listdir(tmp_path / "c" / "means")) == 1                # the means come from the cache
+    assert os.listdir(tmp_path / "c" / "means") == [means_file]          # the means come from the cache,
+    cached = torch.load(tmp_path / "c" / "means" / means_file)           # and --ablation=mean ablates to them
+    assert searched_with and all(torch.equal(searched_with[0][s], cached[s]) for s in cached)
     prune.main(fast_args(tiny_ckpt, tmp_path / "s1", "--target_loss=0.8", "--task=for_while", "--seed=1"))
     other = json.loads(open_text(tmp_path / "s1" / "for_while.json"))  # another search, the same test set
     assert other["losses"]["full"] == rec["losses"]["full"] and other["settings"]["seed"] == 1
