@@ -332,6 +332,32 @@ def test_hooks_record_and_replace_exactly_what_they_should():
             pass
 
 
+def test_hooks_are_removed_when_the_code_inside_raises():
+    model = GPT(tiny_config())
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks({"0.attn.q": lambda x, name: torch.zeros_like(x)}):
+            raise RuntimeError("boom")
+    assert all(site.hook is None for site in model.sites.values())   # else every later forward stays ablated
+
+
+def test_generate_samples_from_the_top_k_at_the_temperature_and_crops_the_context():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    with torch.no_grad():
+        model.bigram.copy_(torch.arange(64.0).expand(64, 64) * 0.5)   # logits rise with the token id
+    idx = torch.zeros(200, 1, dtype=torch.long)
+    assert set(model.generate(idx, 1, top_k=3)[:, -1].tolist()) == {61, 62, 63}   # each of the 3, none other
+    assert (model.generate(idx, 1, temperature=1e-3)[:, -1] == 63).all()           # near 0: greedy
+    assert model.generate(torch.zeros(1, 16, dtype=torch.long), 3).shape == (1, 19)   # past block_size 16
+
+
+def test_embeddings_and_unembedding_start_at_std_0_02():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=2048, d_model=128))
+    for p in (model.wte.weight, model.lm_head.weight):
+        assert p.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def test_nested_hooks_compose_and_restore():
     torch.manual_seed(0)
     model = GPT(tiny_config())
@@ -477,6 +503,20 @@ def test_l0_and_lr_schedules_at_breakpoints():
     assert train.lr_at(1000, cfg) == 0.0
     dense = train.TrainConfig(max_iters=1000, l0_frac=1.0, afrac=1.0, learning_rate=0.01)
     assert train.lr_at(300, dense) == pytest.approx(0.01 * 700 / 990)
+
+
+def test_the_sparsity_report_counts_a_parameter_off_its_target():
+    model = GPT(tiny_config())
+    with torch.no_grad():
+        for _, p in model.sparse_params():
+            p.normal_()                                   # every entry nonzero before projecting
+    model.project_weights(0.25)
+    exact, params, _, _ = train.sparsity_report(model, 0.25)
+    assert exact == params
+    with torch.no_grad():
+        w = model.blocks[0].mlp.c_fc.weight
+        w[w == 0] = 1e-3                                  # one parameter dense again: above its target
+    assert train.sparsity_report(model, 0.25)[:2] == (params - 1, params)
 
 
 def test_grad_rms_normalization():
@@ -1240,6 +1280,9 @@ def test_a_corpus_that_splits_task_answers_still_gets_a_tokenizer_that_poses_eve
     ours = corpus[1]
     with pytest.raises(UserError, match=r"answers ' enumerate' and ' en\w*' begin with the same token"):
         tasks.encode_example(ours, "x", "for i, x in", " enumerate", ours.decode(ours.encode_ordinary(" enum")[:1]))
+    assert len(ours.encode_ordinary(" xyzzy")) > 1                # a word of several tokens, not in WORD_STARTS:
+    with pytest.raises(UserError, match=r"answer ' xyzzy' .* is not one token after the prompt"):   # its first token
+        tasks.encode_example(ours, "x", "x = 1\ny =", " xyzzy", " None")                             # is not the answer
     monkeypatch.setitem(tasks.TASKS, "quoted", lambda rng, label: ("x = ", "'r'", "'w'"))   # `'r` `'` whatever BPE does
     tasks.answers.cache_clear()
     try:                                                                          # refused before any training
@@ -1905,8 +1948,16 @@ def test_calibration_scales_by_a_positive_factor_so_a_wrong_model_stays_wrong():
 
 
 def test_prune_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_ckpt, corpus, capsys, monkeypatch):
+    frozen, checked, make_batch, checks = [], [], prune.make_batch, prune.checks
+    monkeypatch.setattr(prune, "make_batch", lambda model, prompts, device, freeze:
+                        frozen.append(freeze) or make_batch(model, prompts, device, freeze))
+    monkeypatch.setattr(prune, "checks", lambda model, keep, eval_batches, test_batches, *rest:
+                        checked.append(test_batches) or checks(model, keep, eval_batches, test_batches, *rest))
     prune.main(fast_args(tiny_ckpt, tmp_path / "c", "--target_loss=0.8", "--task=for_while", "--nonsense=True",
                          "--tie_qk=True", "--freeze_norm=True", "--calibrate=True"))
+    assert frozen and all(frozen)                    # --freeze_norm: the mask steps', bisection's and test batches
+    task_test, control_test = checked                # the control is checked on its own, swapped, answers
+    assert all(torch.equal(a.correct, b.alt) and torch.equal(a.alt, b.correct) for a, b in zip(task_test, control_test))
     out = capsys.readouterr().out
     assert "for_while: circuit of" in out and "nonsense control" in out and "calibrated" in out
     rec = json.loads(open_text(tmp_path / "c" / "for_while.json"))
@@ -2038,6 +2089,20 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
         with pytest.raises(UserError, match=words):
             headline.main(args + [bad])
     assert headline.HeadlineConfig(k_coefs="0", prune_seeds="-5,0").search_grid() == [(0.0, -5), (0.0, 0)]   # as prune.py's --seed
+
+
+def test_headline_keeps_the_fewest_edges_over_the_grid_and_only_tasks_both_models_solve(monkeypatch):
+    edges = {(1e-4, 0): 50, (3e-3, 0): 9, (1e-4, 1): 30, (3e-3, 1): None}   # None: no circuit met the target
+    monkeypatch.setattr(headline, "circuit", lambda path, task, k_coef, seed, cfg, device: None if edges[k_coef, seed]
+                        is None else {"n_edges": edges[k_coef, seed], "n_nodes": 100 - edges[k_coef, seed]})
+    cfg = headline.HeadlineConfig(k_coefs="1e-4,3e-3", prune_seeds="0,1")
+    assert headline.smallest_circuit("m", "t", cfg, "cpu")["n_edges"] == 9     # by edges, not nodes
+    models = {"s": {"name": "s", "val_loss": 3.0, "solved": {"for_while": 0.1, "with_as": 0.1}},
+              "d": {"name": "d", "val_loss": 3.0, "solved": {"with_as": 0.1}}}
+    monkeypatch.setattr(headline, "smallest_circuit", lambda path, task, cfg, device: {
+        "n_edges": 4 if path == "s" else 16, "n_nodes": 2, "losses": {"circuit": 0.1}, "settings": {"k_coef": 1, "seed": 0}})
+    c = headline.compare("s", ["d"], models, headline.HeadlineConfig(), "cpu")
+    assert [r["task"] for r in c["rows"]] == ["with_as"] and c["ratio"] == pytest.approx(4)   # not for_while
 
 
 def test_headline_table_notes_a_circuit_that_misses_the_target_on_test_prompts_and_an_empty_one(capsys):
@@ -2826,6 +2891,22 @@ def test_bench_compares_the_presets_abstopk_with_another_way(monkeypatch):
     assert (on_gpu.compile, on_gpu.abstopk_by, bench.other_abstopk(on_gpu)) == (True, "triton", "radix")
 
 
+def test_flops_per_token_is_6n_plus_12_l_d_t():
+    model = GPT(tiny_config())                       # vocab 64, T 16, L 2, d 32, d_mlp 128
+    c = model.config
+    n = c.n_layer * (3 * c.d_model ** 2 + c.d_model ** 2 + 2 * c.d_model * c.d_mlp) + c.vocab_size * c.d_model
+    assert bench.flops_per_token(model, 16) == 6 * n + 12 * c.n_layer * c.d_model * 16   # lm_head in; wte, bigram not
+
+
+def test_bench_times_a_call_and_the_projection_net_of_putting_the_weights_back(monkeypatch):
+    clock = iter(range(10 ** 6))                      # a clock that ticks once per reading
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    assert bench.seconds_per_call(lambda: None, 4, "cpu") == pytest.approx(1 / 4)   # one tick over 4 calls
+    times = iter([3.0, 1.0])                          # with the projection, then putting back alone
+    monkeypatch.setattr(bench, "seconds_per_call", lambda fn, n, device: (fn(), next(times))[1])
+    assert bench.projection_seconds(GPT(tiny_config()), lambda: None, 2, "cpu") == pytest.approx(2.0)
+
+
 def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
     # a host slowing down mid-run: round 2 is slow for both; compared within rounds, sparse is 1.5x dense
     rounds = {"dense": [10, 20, 40], "sparse": [15, 50, 60], "sparse_no_abstopk": [12, 40, 48],
@@ -2835,8 +2916,17 @@ def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
     monkeypatch.setattr(bench, "time_in_turns", lambda variants, *a: ({
         name: {"ms_per_step": statistics.median(rounds[name]), "ms_per_round": rounds[name], "tokens_per_s": 1.0,
                "projection_ms": 1.0, "peak_mem_mb": 1.0} for name in variants if name in rounds}, peaks))
+    naive_calls = []
+    monkeypatch.setattr(bench, "naive_project", lambda model, frac: naive_calls.append(frac))
+    def projection_seconds(model, project, *args):   # the naive projection 7 ms, ours 1 ms
+        naive_calls.clear()
+        project()
+        return 7e-3 if naive_calls else 1e-3
+    monkeypatch.setattr(bench, "projection_seconds", projection_seconds)
     r = bench.bench_shape("cpu", bench.BenchConfig(shapes="cpu", steps=3, rounds=3, warmup=0), "cpu")
     assert r["sparse_over_dense_step"] == pytest.approx(1.5)          # the medians' ratio would say 2.5
+    assert r["projection_share"] == pytest.approx(1.0 / 50)           # of the sparse step's median
+    assert (r["projection_ms"], r["naive_projection_ms"], r["naive_over_ours_projection"]) == pytest.approx((1, 7, 7))
     assert r["sparse_over_dense_rounds"] == pytest.approx([1.5, 2.5, 1.5])
     assert r["abstopk_share"] == pytest.approx(0.2)                    # 1 - median(12/15, 40/50, 48/60)
     assert r["abstopk_selection_share"] == pytest.approx(0.1)          # 1 - median(12/15, 45/50, 54/60)
