@@ -5,6 +5,7 @@ The tests: the math of each piece, and the promises a user relies on.
 """
 
 import ast
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -1019,7 +1020,10 @@ def test_training_reaches_exact_sparsity_and_checkpoint_loads(tmp_path, corpus, 
     assert f"read the train split ({n:,} tokens) {128 * 10 ** 7 / n:.0f} times over" in capsys.readouterr().out
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=1.0, top_k=10)
     assert out.shape == (1, 8)
-    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)   # another version's checkpoints:
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    val = train.estimate_loss(model, {"val": data.load_tokens(corpus[0], "val")}, cfg, contextlib.nullcontext())["val"]
+    assert ckpt["val_loss"] == pytest.approx(val)             # the val split's: headline.py matches models by it
+    # another version's checkpoints:
     for name, other in (("newer", {**ckpt, "model_config": {**ckpt["model_config"], "rope": True}}),
                         ("reshaped", {**ckpt, "model_config": {**ckpt["model_config"], "d_model": 64}})):
         torch.save(other, tmp_path / f"{name}.pt")
