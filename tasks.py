@@ -595,11 +595,9 @@ def main(argv):
         results.append((loss, acc))
         print(f"{name:<28} {len(prompts):>7} {loss:>7.4f} {acc:>6.3f}")
     if len(results) > 1:   # over the tasks that got a row
-        mean_loss = sum(loss for loss, _ in results) / len(results)
-        mean_acc = sum(acc for _, acc in results) / len(results)
-        solved = sum(loss <= 0.15 for loss, _ in results)
+        mean_loss, mean_acc = (sum(column) / len(results) for column in zip(*results))
         print(f"{'mean':<28} {'':>7} {mean_loss:>7.4f} {mean_acc:>6.3f}")
-        print(f"solved (loss <= 0.15, what pruning needs): {solved}/{len(results)}")
+        print(f"solved (loss <= 0.15, what pruning needs): {sum(loss <= 0.15 for loss, _ in results)}/{len(results)}")
 
 
 if __name__ == "__main__":
