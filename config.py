@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import dataclasses
 import difflib
+import errno
 import math
 import os
 import re
@@ -156,6 +157,11 @@ def atomic_file(path, mode="w"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError in the OSError's wake
+        if {errno.ENOSPC, errno.EDQUOT} & {getattr(e, "errno", None), getattr(e.__context__, "errno", None)}:
+            raise UserError(f"no space left on the device to write {path} (its old version, if any, is kept): "
+                            "free some space and run again") from e
+        raise
     finally:
         if os.path.exists(tmp):         # the write failed: leave no temp file behind
             os.remove(tmp)

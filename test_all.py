@@ -7,12 +7,14 @@ The tests: the math of each piece, and the promises a user relies on.
 import ast
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import json
 import math
 import multiprocessing
 import os
 import platform
+import random
 import re
 import select
 import shutil
@@ -948,6 +950,19 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pat
     with pytest.raises(OSError, match="disk full"):
         train.save_checkpoint(path, model, optimizer, None, 1, {}, {})
     assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
+    def save_to_a_full_disk(obj, f):                           # as torch.save reports it: a RuntimeError
+        try:                                                   # raised while handling the file's OSError
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", save_to_a_full_disk)
+    with pytest.raises(UserError, match=r"^no space left on the device to write .*ckpt.pt \(its old version, if any, "
+                                        r"is kept\): free some space and run again$"):
+        train.save_checkpoint(path, model, optimizer, None, 1, {}, {})
+    with pytest.raises(UserError, match="no space left on the device to write .*config.json"):
+        with atomic_file(str(tmp_path / "config.json")) as f:   # a plain write's own OSError
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert open_text(path) == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
     class CtrlCAfter1kB:                                       # Ctrl-C while torch.save writes
         def __init__(self, f):
@@ -1171,21 +1186,56 @@ def test_a_seed_as_large_as_a_timestamp_still_draws_batches():
     assert x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
 
 
-def test_torchrun_two_cpu_processes_hold_identical_weights(tmp_path, corpus):
+def test_torchrun_two_cpu_processes_train_as_one_process_on_both_ranks_batches(tmp_path, corpus):
     args = [f"--out_dir={tmp_path / 'ddp'}", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--log_interval=1",
-            "--batch_size=2", "--block_size=32", "--n_layer=1", "--d_model=32", "--sample_tokens=0"]
+            "--batch_size=2", "--block_size=32", "--n_layer=1", "--d_model=32", "--sample_tokens=0",
+            "--gradient_accumulation_steps=2"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", "--preset=cpu", *args], cwd=HERE, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ddp: weights identical on all 2 ranks" in result.stdout
     assert "2 process(es)" in result.stdout and result.stdout.count("settings: ") == 1   # rank 0 speaks
+    # the same 3 steps by hand in one process: each rank's micro-batches summed, the ranks' gradients averaged
     cfg = train.config_from_args(["--preset=cpu", *args[1:], f"--out_dir={tmp_path / 'unused'}", "--device=cpu"])
-    torch.manual_seed(cfg.seed)
-    model = train.make_model(cfg)                                     # each rank's model before its first step
-    with torch.no_grad():
-        first = [model(*train.batch_for(data.load_tokens(corpus[0], "train"), 0, 0, cfg, rank))[1] for rank in (0, 1)]
+    tokens, threads = data.load_tokens(corpus[0], "train"), torch.get_num_threads()
+    torch.set_num_threads(1)                                          # as torchrun runs each process
+    try:
+        torch.manual_seed(cfg.seed)
+        model = train.make_model(cfg)
+        optimizer, first = train.make_optimizer(model, cfg), []
+        for step in range(3):
+            grads = []
+            for rank in (0, 1):
+                for micro in (0, 1):
+                    loss = model(*train.batch_for(tokens, step, micro, cfg, rank))[1] / 2
+                    loss.backward()
+                    first += [loss.item()] if step == 0 else []
+                grads.append([p.grad for p in model.parameters()])
+                model.zero_grad(set_to_none=True)
+            for p, g0, g1 in zip(model.parameters(), *grads):
+                p.grad = (g0 + g1) / 2
+            train.optimizer_step(model, optimizer, step, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    saved = torch.load(tmp_path / "ddp" / "ckpt.pt")["model"]
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(saved[name], weight, rtol=0, atol=1e-6, msg=name)
     logged = float(re.search(r"step +1 \| loss ([\d.]+)", result.stdout).group(1))
-    assert logged == pytest.approx((first[0].item() + first[1].item()) / 2, abs=1e-4)   # both ranks' mean, not rank 0's
+    assert logged == pytest.approx(sum(first) / 2, abs=1e-4)         # both ranks' mean, not rank 0's
+    rates = re.findall(r"([\d.]+) tok/s \| +([\d.]+) ms/step", result.stdout)
+    assert len(rates) == 3 and all(float(rate) * float(ms) / 1e3 == pytest.approx(2 * 2 * 2 * 32, rel=0.05)
+                                   for rate, ms in rates)             # a step: 2 ranks x 2 micro-batches x 2 x 32
+
+
+def test_the_ddp_weights_check_tells_ranks_that_differ(monkeypatch):
+    model = GPT(tiny_config())
+    def gather(out, flat, shift):                                    # rank i's weights: flat + i * shift
+        for i, o in enumerate(out):
+            o.copy_(flat + i * shift)
+    monkeypatch.setattr(train.dist, "all_gather", lambda out, flat: gather(out, flat, 0.0))
+    assert train.ranks_agree(model, 3)
+    monkeypatch.setattr(train.dist, "all_gather", lambda out, flat: gather(out, flat, 1e-7))
+    assert not train.ranks_agree(model, 3)                           # 1e-7 apart is apart
 
 
 def test_torchrun_with_more_processes_than_gpus_is_one_line_before_any_rank_starts(tmp_path, monkeypatch):
@@ -1996,6 +2046,19 @@ def test_a_target_at_or_above_chance_gets_a_note_in_prune_and_headline(tiny_ckpt
     assert "note: --target_loss=0.7 is at or above chance" in capsys.readouterr().out
 
 
+def test_a_task_whose_loss_is_exactly_the_target_counts_as_solved(tiny_ckpt, tmp_path, monkeypatch):
+    model, _, folder = prune.load_model(tiny_ckpt, "cpu")
+    enc = data.get_encoding(folder)
+    loss = tasks.evaluate(model, make_prompts("for_while", enc, 16, 0, "test", model.config.block_size), "cpu")[0]
+    cfg = headline.HeadlineConfig(n_test=16, target_loss=loss)      # "task loss at most the target" [paper]
+    assert headline.solved_tasks(model, enc, ["for_while"], cfg, "cpu") == {"for_while": loss}
+    def pruned(model, enc, name, *args):
+        raise SystemExit(f"pruning {name}")
+    monkeypatch.setattr(prune, "prune_task", pruned)
+    with pytest.raises(SystemExit, match="pruning for_while"):       # past the check, not "does not solve"
+        prune.main(fast_args(tiny_ckpt, tmp_path / "c", f"--target_loss={loss!r}", "--task=for_while"))
+
+
 def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, tiny_ckpt, corpus):
     cases = [(["--task=no_such_task"], "unknown task 'no_such_task'"),
              (["--task=for_while", "--target_loss=0.3"], "does not solve for_while: full-model test loss 0.7"),
@@ -2564,6 +2627,15 @@ def test_steering_follows_its_recipe_by_hand(tmp_path, tiny_dense):
              for p in runs]
     assert result["edit"] == pytest.approx(tuple(map(np.mean, zip(*edits))), rel=1e-5)
     assert result["edit"] != pytest.approx(result["before"], rel=1e-4)     # the edit moves the dense model
+    control = random.Random(bridge.BridgeConfig().seed).sample([c for c in range(32) if c != channel], 1)[0]
+
+    def control_delta(p):  # the control channel's edit on the dense side, scaled to the size of the real one's
+        s = act(sparse, p)
+        real, other = (bridges.decode(site, edited(s, c)) - bridges.decode(site, s) for c in (channel, control))
+        return other * real.norm() / other.norm()
+    controls = [dense_probs(p, control_delta(p)) for p in runs]
+    control_change = np.subtract(tuple(map(np.mean, zip(*controls))), result["before"])   # tiny on this dense model:
+    assert np.subtract(result["control"], result["before"]) == pytest.approx(control_change, rel=1e-3)   # compare it
 
 
 def test_bridges_find_the_dense_model_from_any_folder_or_where_it_moved_and_steering_names_varying_answers(
@@ -2911,7 +2983,7 @@ def test_bench_times_a_call_and_the_projection_net_of_putting_the_weights_back(m
     assert bench.projection_seconds(GPT(tiny_config()), lambda: None, 2, "cpu") == pytest.approx(2.0)
 
 
-def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
+def test_bench_takes_each_ratio_within_a_round_of_turns_and_writes_them(tmp_path, monkeypatch, capsys):
     # a host slowing down mid-run: round 2 is slow for both; compared within rounds, sparse is 1.5x dense
     rounds = {"dense": [10, 20, 40], "sparse": [15, 50, 60], "sparse_no_abstopk": [12, 40, 48],
               "sparse_fixed_masks": [12, 45, 54]}
@@ -2927,7 +2999,9 @@ def test_bench_takes_each_ratio_within_a_round_of_turns(monkeypatch):
         project()
         return 7e-3 if naive_calls else 1e-3
     monkeypatch.setattr(bench, "projection_seconds", projection_seconds)
-    r = bench.bench_shape("cpu", bench.BenchConfig(shapes="cpu", steps=3, rounds=3, warmup=0), "cpu")
+    bench.main(["--shapes=cpu", "--steps=3", "--rounds=3", "--warmup=0", "--device=cpu", f"--out_dir={tmp_path}"])
+    r = json.loads(open_text(tmp_path / "cpu.json"))["shapes"]["cpu"]    # what it wrote
+    assert re.search(r"cpu: sparse/dense step 1.50 \(rounds 1.50-2.50\) \| projection 2.0% of a step", capsys.readouterr().out)
     assert r["sparse_over_dense_step"] == pytest.approx(1.5)          # the medians' ratio would say 2.5
     assert r["projection_share"] == pytest.approx(1.0 / 50)           # of the sparse step's median
     assert (r["projection_ms"], r["naive_projection_ms"], r["naive_over_ours_projection"]) == pytest.approx((1, 7, 7))

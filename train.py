@@ -393,6 +393,14 @@ def config_from_args(argv):
                         "the model's embeddings are in; start a new run in another --out_dir")
     return cfg
 
+def ranks_agree(model, world):
+    """Whether every DDP rank holds the same weights: gather them all and compare."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 # -----------------------------------------------------------------------------
 # the run
 
@@ -527,12 +535,8 @@ def train(cfg):
                                 {"val_loss": losses["val"], "task_loss": losses.get("task"), **data_record})
             saved_step = done
             t_log, steps_since = time.time(), done   # the next ms/step leaves the evaluation out
-    if ddp:   # every rank must hold the same weights: gather them all and compare
-        flat = torch.cat([p.detach().flatten() for p in raw.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        same = all(torch.equal(g, gathered[0]) for g in gathered)
-        log(f"ddp: weights {'identical' if same else 'DIFFER'} on all {world} ranks")
+    if ddp:
+        log(f"ddp: weights {'identical' if ranks_agree(raw, world) else 'DIFFER'} on all {world} ranks")
     if master:
         frac = l0_at(stop, cfg)
         exact, params, fewest, reached = sparsity_report(raw, frac)
