@@ -1,5 +1,5 @@
 """
-Bridges between a frozen dense model and a weight-sparse one (METHOD.md section 5), and steering
+Bridges between a frozen dense model and a weight-sparse one (docs/METHOD.md section 5), and steering
 the dense model through them.
 
     python bridge.py --dense=out/cpu_dense/ckpt.pt                 # train; out/bridge/ckpt.pt

@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import difflib
 import errno
+import inspect
 import math
 import os
 import re
@@ -72,8 +73,10 @@ def parse_values(cls, argv, base=None):
         # the defaults as written: cls() would show what its checks rewrite (a path made absolute)
         shown = {**{name: default_of(field) for name, field in fields.items()}, **given}
         print(f"{cls.__name__} settings (override with --key=value):")
-        for name in offered:
-            print(f"  --{name}={as_arg(shown[name])}")
+        args, notes = {name: f"--{name}={as_arg(shown[name])}" for name in offered}, setting_comments(cls)
+        width = min(40, max(map(len, args.values())))
+        for name, arg in args.items():
+            print(f"  {arg:<{width}}  # {notes[name]}" if name in notes else f"  {arg}")
         raise SystemExit(0)
     values = dict(given)
     for arg in argv:
@@ -87,6 +90,15 @@ def parse_values(cls, argv, base=None):
         default = given[key] if key in given else default_of(fields[key])
         values[key] = parse_value(text, default, key)
     return values
+
+
+def setting_comments(cls):
+    """{setting: the comment beside it in the source of cls or a class it builds on}: what --help says."""
+    notes = {}
+    for klass in reversed(cls.__mro__):          # a subclass's own comment wins
+        with contextlib.suppress(OSError, TypeError):   # no source to read (object, a frozen app): no comments
+            notes.update(re.findall(r"^ +(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(klass), re.M))
+    return notes
 
 
 def default_of(field):

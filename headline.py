@@ -1,5 +1,5 @@
 """
-The paper's headline (METHOD.md section 6): at equal pretraining loss, circuits pruned from a
+The paper's headline (docs/METHOD.md section 6): at equal pretraining loss, circuits pruned from a
 weight-sparse model are many times smaller than circuits from a dense one. Given sparse models and
 dense models of several widths (train.py checkpoints), this picks for each sparse model the dense
 model whose val loss is closest to its own, prunes both (prune.py) on every task both solve, and

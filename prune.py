@@ -1,5 +1,5 @@
 """
-Circuits by pruning (METHOD.md section 3): learn one mask per node under mean ablation, bisect the
+Circuits by pruning (docs/METHOD.md section 3): learn one mask per node under mean ablation, bisect the
 number of kept nodes to the smallest circuit that still does the task, check it, count its edges,
 draw it.
 

@@ -1,7 +1,7 @@
 """
 A weight-sparse GPT (Gao et al., "Weight-sparse transformers have interpretable circuits", 2025).
 
-Notable features, each tied to the paper (../shared/METHOD.md section 1):
+Notable features, each tied to the paper (docs/METHOD.md section 1):
 - RMSNorm, pre-norm blocks, small heads (d_head 16), untied embedding and unembedding,
   no positional embedding unless `learned_pos=True`.
 - AbsTopK on activations: keep the k = afrac * dim entries of largest |x| at 8 sites per layer
@@ -21,6 +21,10 @@ Notable features, each tied to the paper (../shared/METHOD.md section 1):
   The residual stream itself is also a site, before each block (`{i}.resid_pre`; 0.resid_pre is
   the embedding), between its attention and MLP (`{i}.resid_mid`) and after the last block
   (`final_resid`): bridge.py's sites. Its channels are not pruning nodes (the 8 kinds above are).
+  A new site is two lines: `self.site_z = Site("attn_z", dim, config)` in a module's __init__ and
+  `z = self.site_z(z)` where forward computes it. It is named `{i}.attn_z` (SITE_SUFFIX holds the
+  authors' names) and can be recorded and rewritten; it is AbsTopK'd and pruned only if its kind is
+  in ALL_SPARSE_SITES.
 """
 
 import math
@@ -286,7 +290,7 @@ class Block(nn.Module):
         return x
 
 
-# the authors' site names, by kind
+# the authors' site names, by kind; a kind of ours not listed here is named by its kind
 SITE_SUFFIX = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
                "attn_out": "attn.resid_delta", "mlp_in": "mlp.act_in", "mlp_neuron": "mlp.post_act",
                "mlp_out": "mlp.resid_delta", "resid_pre": "resid_pre", "resid_mid": "resid_mid"}
@@ -314,7 +318,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             for site in block.modules():
                 if isinstance(site, Site):
-                    site.name = f"{i}.{SITE_SUFFIX[site.kind]}"
+                    site.name = f"{i}.{SITE_SUFFIX.get(site.kind, site.kind)}"
                     self.sites[site.name] = site
         self.site_final.name = "final_resid"
         self.sites["final_resid"] = self.site_final

@@ -1,5 +1,5 @@
 """
-The 20 binary next-token tasks on Python code (METHOD.md section 4): prompt generators, the task
+The 20 binary next-token tasks on Python code (docs/METHOD.md section 4): prompt generators, the task
 loss, evaluation, and the bracket-counting context-dilution probe.
 
     python tasks.py                                        # the tasks, their rules, one example each
@@ -18,7 +18,11 @@ A model whose context (block_size) is shorter than a task's longest prompt is no
 a one-line error names the task, the prompt's length and the block_size (prompts are not dropped,
 so every model is measured on the same prompts). A model is read with the tokenizer it was trained
 with: the data folder its checkpoint records.
-To add a task: write one function next to the others and add it to TASKS.
+To add a task: write one function next to the others (its docstring's first line is the rule
+`python tasks.py` lists) and add it to TASKS. An answer after indentation carries the last space
+(` x` after N-1 spaces: see var_if). The tokenizer learns every task's answers (tasks.answers()), so
+the data cache is built anew, once, under a new name; a model trained before keeps its own and cannot
+be asked an answer that its tokenizer splits.
 """
 
 import functools
@@ -423,8 +427,8 @@ def encode_example(enc, name, prompt, correct, alt):
         one_token = len(full) == len(ids) + 1 or answer in WORD_STARTS and len(full) > len(ids)
         if full[:len(ids)] != ids or not one_token:
             pieces = [enc.decode([t]) for t in enc.encode_ordinary(answer)]
-            raise UserError(f"task {name}: answer {answer!r} ({pieces} alone) is not one token after the "
-                            f"prompt ending {prompt[-30:]!r} (a tokenizer of another corpus?)")
+            raise UserError(f"task {name}: answer {answer!r} ({pieces} alone) is not one token after the prompt "
+                            f"ending {prompt[-30:]!r} (a tokenizer of another corpus, or from before this task?)")
         answer_ids.append(full[len(ids)])
     if answer_ids[0] == answer_ids[1]:
         raise UserError(f"task {name}: answers {correct!r} and {alt!r} begin with the same token")
@@ -522,7 +526,7 @@ def evaluate(model, prompts, device, batch_size=64):
 
 @torch.no_grad()
 def bracket_dilution(model, enc, device, seed=0, samples=32):
-    """The paper's context dilution (METHOD.md section 6): bracket counting averages an open-bracket
+    """The paper's context dilution (docs/METHOD.md section 6): bracket counting averages an open-bracket
     detector over the context, so a long list of lists dilutes the depth signal and the model
     closes it with `]` instead of `]]`. Two layouts of n integers: n/2 inner lists of two
     (`x = [[1, 2], [3, 4], ..., [5, 6`) and one long inner list (`x = [[1, 2, 3, ..., 9`).
@@ -562,7 +566,7 @@ def load_model(path, device):
 
 def list_tasks(names, enc, seed):
     for name in names:
-        rule = TASKS[name].__doc__.split("\n")[0]
+        rule = (TASKS[name].__doc__ or "(no docstring)").split("\n")[0]
         p = make_prompts(name, enc, 2, seed, "train")[0]
         tail = enc.decode(p.ids)[-60:]
         print(f"{name}: {rule}\n    ...{tail!r}  ->  {enc.decode([p.correct])!r} | {enc.decode([p.alt])!r}")
@@ -573,7 +577,7 @@ def main(argv):
     names = list(TASKS) if cfg.task == "all" else [cfg.task]
     cfg.device = resolve_device(cfg.device)   # also when it lists the tasks: a bad --device is a mistake there too
     if not cfg.ckpt:
-        list_tasks(names, data.get_encoding(data.prepare(data.DataConfig(), verbose=False)), cfg.seed)
+        list_tasks(names, data.get_encoding(data.prepare(data.DataConfig())), cfg.seed)   # says so if it builds
         return
     model, _, folder = load_model(cfg.ckpt, cfg.device)
     enc = data.get_encoding(folder)

@@ -46,6 +46,7 @@ import headline
 import data
 import draw
 import prune
+import sparse_gpt
 import tasks
 import train
 from config import UserError, atomic_file, parse_args, write_atomic
@@ -295,6 +296,20 @@ def test_site_names_unique_and_complete():
     suffixes = ["resid_pre", "attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta", "resid_mid",
                 "mlp.act_in", "mlp.post_act", "mlp.resid_delta"]
     assert list(model.sites) == [f"{i}.{s}" for i in range(2) for s in suffixes] + ["final_resid"]
+
+
+def test_a_new_site_is_two_lines_named_by_its_kind_recorded_and_no_pruning_node(monkeypatch):
+    init, forward = sparse_gpt.CausalSelfAttention.__init__, sparse_gpt.CausalSelfAttention.forward
+    def init_with_z(self, config):                                   # as the docstring says to add one
+        init(self, config)
+        self.site_z = sparse_gpt.Site("attn_z", config.d_model, config)
+    monkeypatch.setattr(sparse_gpt.CausalSelfAttention, "__init__", init_with_z)
+    monkeypatch.setattr(sparse_gpt.CausalSelfAttention, "forward", lambda self, x: self.site_z(forward(self, x)))
+    model = GPT(tiny_config())
+    assert {"0.attn_z", "1.attn_z"} <= set(model.sites) and model.sites["0.attn_z"].k == 0   # not AbsTopK'd
+    assert "0.attn_z" not in prune.node_sites(model) and "0.attn.q" in prune.node_sites(model)
+    _, cache = model.run_with_cache(torch.randint(0, 64, (2, 16)), ["0.attn_z", "0.attn.resid_delta"])
+    assert torch.equal(cache["0.attn_z"], cache["0.attn.resid_delta"])   # the attention's output, where it sits
 
 
 def test_hooks_record_and_replace_exactly_what_they_should():
@@ -547,8 +562,10 @@ def test_config_parsing_and_bad_values(capsys):
     for cls in (train.TrainConfig, bridge.BridgeConfig, prune.PruneConfig, bench.BenchConfig):
         with pytest.raises(SystemExit):
             parse_args(cls, ["--help"])
-        shown = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
+        lines = capsys.readouterr().out.splitlines()[1:]
+        shown = [line.split("  # ")[0].strip() for line in lines]
         assert parse_args(cls, shown) == cls(), cls                 # every value --help shows is taken back as is
+        assert any(re.match(r"  --device=auto +# auto \| cpu \| cuda", line) for line in lines), cls   # and what it means
         assert not [a for a in shown if os.getcwd() in a], cls       # paths as written, not this machine's
         if cls is bridge.BridgeConfig:                               # and none that it would refuse
             assert not {a[2:].split("=")[0] for a in shown} & set(bridge.TRAIN_ONLY_KEYS)
@@ -1030,6 +1047,9 @@ def test_training_reaches_exact_sparsity_and_checkpoint_loads(tmp_path, corpus, 
     assert exact == params and fewest >= 4 and reached > 0.11   # 32-wide rows keep 4 at least: 1/8
     printed = capsys.readouterr().out
     assert f"(L0 {reached:.4f}, 0.1000 asked)" in printed and "times over" not in printed
+    fit = sum(len(p.ids) <= 32 for p in make_prompts("single_double_quote", corpus[1], 128, 0, "test"))
+    assert f"note: {128 - fit} of the 128 single_double_quote test prompts are longer than --block_size=32: the " \
+           "task loss leaves them out" in printed and f", {fit} prompts)" in printed and 0 < fit < 128
     train.train(tiny_train_config(tmp_path / "long", max_iters=10 ** 7, stop_iter=1))   # 10**7 steps of 128 tokens:
     n = len(data.load_tokens(corpus[0], "train"))                                     # the corpus ~120 times over
     assert f"read the train split ({n:,} tokens) {128 * 10 ** 7 / n:.0f} times over" in capsys.readouterr().out
@@ -1293,7 +1313,7 @@ def tiny_gpt():
 
 def test_every_task_builds_balanced_prompts_with_distinct_single_token_answers(corpus):
     _, enc = corpus
-    assert len(tasks.TASKS) == 20
+    assert len(tasks.TASKS) == 20                                  # the paper's; a fork adds its own
     for name in tasks.TASKS:
         for split in ("train", "test"):
             prompts = tasks.make_prompts(name, enc, 40, seed=0, split=split)
@@ -1432,7 +1452,7 @@ def test_listing_shows_every_task_with_an_example(capsys):
     out = capsys.readouterr().out
     for name in tasks.TASKS:
         assert f"\n{name}: " in "\n" + out
-    assert out.count("  ->  ") == 20
+    assert out.count("  ->  ") == len(tasks.TASKS)
 
 
 def test_unknown_task_is_a_one_line_user_error_listing_the_tasks():
@@ -1462,7 +1482,7 @@ def test_evaluation_table_from_a_checkpoint(tmp_path, tiny_gpt, capsys):
                 "train_config": {"data_dir": ""}}, path)
     tasks.main([f"--ckpt={path}", "--n_prompts=4", "--device=cpu"])
     lines = capsys.readouterr().out.strip().splitlines()
-    rows = [line.split() for line in lines[2:22]]
+    rows = [line.split() for line in lines[2:2 + len(tasks.TASKS)]]
     assert [r[0] for r in rows] == list(tasks.TASKS) and all(r[1] == "4" for r in rows)
     assert lines[-2].startswith("mean") and lines[-1].startswith("solved (loss <= 0.15")
 
@@ -2062,7 +2082,7 @@ def test_a_task_whose_loss_is_exactly_the_target_counts_as_solved(tiny_ckpt, tmp
 def test_prune_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path, tiny_ckpt, corpus):
     cases = [(["--task=no_such_task"], "unknown task 'no_such_task'"),
              (["--task=for_while", "--target_loss=0.3"], "does not solve for_while: full-model test loss 0.7"),
-             (["--task=all", "--target_loss=0.3"], "solves none of the 20 tasks"),
+             (["--task=all", "--target_loss=0.3"], f"solves none of the {len(tasks.TASKS)} tasks"),
              (["--ablation=half"], "--ablation=half is unknown"), (["--ckpt="], "--ckpt is empty; give a checkpoint")]
     results = run_scripts([["prune.py", *fast_args(tiny_ckpt, tmp_path / "out", *args)] for args, _ in cases])
     for (args, words), result in zip(cases, results):

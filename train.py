@@ -1,5 +1,5 @@
 """
-Annealed weight-sparse training (METHOD.md section 2), and dense baselines, nanoGPT style.
+Annealed weight-sparse training (docs/METHOD.md section 2), and dense baselines, nanoGPT style.
 
     python train.py                                  # GPU preset if CUDA is there, else the CPU preset
     python train.py --preset=cpu45                   # about 35-40 minutes on 2 cores: solves 4 tasks (README)
@@ -149,7 +149,7 @@ MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_
 SCHEDULE_KEYS = ("max_iters", "l0_frac", "anneal_start", "anneal_end", "learning_rate", "warmup_frac")   # l0_at, lr_at
 
 # -----------------------------------------------------------------------------
-# schedules (METHOD.md section 2)
+# schedules (docs/METHOD.md section 2)
 
 def l0_at(step, cfg):
     """Kept fraction of weights at step: 1) dense until anneal_start  2) linear to l0_frac by
@@ -446,6 +446,9 @@ def train(cfg):
         raise UserError(f"--block_size={cfg.block_size} is shorter than every {cfg.eval_task} test prompt (the "
                         f"shortest has {min(len(p.ids) for p in prompts)} tokens); pass --eval_task= for no task "
                         "loss, or a larger --block_size")
+    if len(task_prompts) < len(prompts):   # its loss is then on the rest: not comparable with a longer context's
+        log(f"note: {len(prompts) - len(task_prompts)} of the {len(prompts)} {cfg.eval_task} test prompts are longer "
+            f"than --block_size={cfg.block_size}: the task loss leaves them out")
 
     model = make_model(cfg)
     optimizer = make_optimizer(model, cfg)
