@@ -315,6 +315,8 @@ def test_a_new_site_is_two_lines_named_by_its_kind_recorded_and_no_pruning_node(
 def test_hooks_record_and_replace_exactly_what_they_should():
     torch.manual_seed(0)
     model = GPT(tiny_config())
+    _, cache = model.run_with_cache(torch.randint(0, 64, (2, 16)))
+    assert not any(a.requires_grad for a in cache.values())   # a record holds no graph: no memory kept, no leak
     with torch.no_grad():
         model.bigram.normal_()                              # not its init's zeros: last= must read it at last
     idx = torch.randint(0, 64, (2, 16))
@@ -712,6 +714,29 @@ def test_scripts_end_quietly_when_the_reader_of_their_output_stops():
     assert child.stderr.read() == b"" and child.wait() == 1
 
 
+def test_ctrl_c_in_any_script_is_one_line_and_exit_130():
+    script = "import config\ndef main(argv):\n    raise KeyboardInterrupt\nconfig.run_main(main)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")
+
+
+def test_a_checkpoint_missing_a_part_is_a_one_line_error_naming_it(tmp_path, corpus):
+    model = tiny_model()
+    full = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}
+    resume = lambda path: train.config_from_args([f"--out_dir={os.path.dirname(path)}", "--resume=True"])
+    cases = [({"model_config": full["model_config"]}, GPT.from_checkpoint, r"not a sparse-circuits checkpoint \(no model"),
+             ({**full, "model": {k: v for k, v in full["model"].items() if k != "bigram"}}, GPT.from_checkpoint,
+              r"holds a model this code cannot build \(RuntimeError: .*Missing key.*bigram"),   # not random weights
+             (full, resume, r"is not a train.py checkpoint \(no train_config\)"),
+             ({**full, "train_config": {"data_dir": ""}}, lambda path: headline.load(path, "cpu"), "has no val_loss")]
+    for i, (ckpt, load, words) in enumerate(cases):
+        path = tmp_path / str(i) / "ckpt.pt"
+        path.parent.mkdir()
+        torch.save(ckpt, path)
+        with pytest.raises(UserError, match=words):
+            load(str(path))
+
+
 def test_bad_input_gives_one_line_and_exit_2_and_writes_nothing(tmp_path):
     not_ours = tmp_path / "ckpt.pt"
     not_ours.write_bytes(b"not a checkpoint")
@@ -873,6 +898,9 @@ def test_a_dangling_link_is_skipped_a_linked_file_read_once_and_a_lost_data_fold
     os.link(tmp_path / "a.py", tmp_path / "sub" / "e.py")
     (tmp_path / "sub" / "x.py").write_text("y = 2\n")
     (tmp_path / "0.py").symlink_to(tmp_path / "sub" / "x.py")
+    for installed in ("site-packages", "dist-packages", "__pycache__"):   # not the standard library's own code
+        (tmp_path / installed).mkdir()
+        (tmp_path / installed / "p.py").write_text("z = 3\n")
     assert data.list_py_files(str(tmp_path)) == [str(tmp_path / "0.py"), str(tmp_path / "a.py")]
     (tmp_path / "alias").symlink_to(tmp_path)                  # one folder by two names is one data_dir
     assert data.same_data_dir(str(tmp_path / "alias"), str(tmp_path)) and not data.same_data_dir(str(tmp_path), "")
@@ -901,6 +929,8 @@ def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeyp
     empty = next(f"pkg{i}/__init__.py" for i in range(10 ** 4) if data.is_val(f"pkg{i}/__init__.py", 50))
     flags = data.val_flags([empty, "a.py", "b.py"], [0, 900, 900], 50)     # the hash picked only an empty file:
     assert flags[0] and sum(flags[1:]) == 1                                # a file with text joins it
+    unpicked = [f"pkg{i}/__init__.py" for i in range(100) if not data.is_val(f"pkg{i}/__init__.py", 50)][:2]
+    assert sum(data.val_flags(unpicked, [0, 0], 50)) == 1                  # only empty files: still one
     names = ["argparse.py", "ast.py", "csv.py", "difflib.py", "inspect.py", "typing.py"]
     assert not any(data.is_val(n, 50) for n in names)                      # the hash alone picks none of these
     home = tmp_path / "home"
@@ -920,7 +950,8 @@ def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeyp
     assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder
     assert json.load(open(os.path.join(folder, "meta.json")))["val_tokens"] > 0   # a cache of the old split: rebuilt
     tokenizer = open(os.path.join(folder, "tokenizer.tiktoken"), "rb").read()
-    for name, damaged in (("train.bin", b"\0" * 1000), ("tokenizer.tiktoken", tokenizer[:len(tokenizer) // 2])):
+    for name, damaged in (("train.bin", b"\0" * 1000), ("val.bin", b"\0" * 10),
+                          ("tokenizer.tiktoken", tokenizer[:len(tokenizer) // 2])):
         open(os.path.join(folder, name), "wb").write(damaged)        # a copy cut short: found, and built again
         assert not data.cache_is_complete(folder)
         assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder
@@ -944,8 +975,9 @@ def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_pa
         with pytest.raises(UserError, match=f"val split of .* has {n} tokens, too few for --block_size=32 \\(needs 34\\)"
                                             f": give a folder with more .py files{smaller}"):
             train.train(tiny_train_config(tmp_path / "o", device="cpu"))
-    x, y = data.get_batch(np.arange(34, dtype=np.uint16), 2, 32, torch.Generator())   # 34 is enough
-    assert x.shape == y.shape == (2, 32) and torch.equal(y, x + 1)   # each target the token after its input
+    x, y = data.get_batch(np.arange(34, dtype=np.uint16), 200, 32, torch.Generator())   # 34 is enough
+    assert x.shape == y.shape == (200, 32) and torch.equal(y, x + 1)   # each target the token after its input
+    assert (x[:, 0] == 0).all()          # start 1 is possible but left out (README, Data order): runs reproduce
     assert not (tmp_path / "o").exists()
 
 
@@ -1527,6 +1559,12 @@ def test_a_checkpoint_is_read_with_the_tokenizer_of_the_data_folder_it_records(t
         data.data_folder(other)
     files, cfg = [os.path.join(HERE, "config.py")], data.DataConfig()   # one set of files under two data_dirs:
     assert data.cache_key(HERE, files, cfg) != data.cache_key(os.path.dirname(HERE), files, cfg)   # two val splits
+    assert data.cache_key(HERE, files, cfg) != data.cache_key(HERE, files, dataclasses.replace(cfg, val_every=10))
+    copy = str(tmp_path / "same_size.py")
+    shutil.copy(files[0], copy)
+    key, st = data.cache_key(HERE, [copy], cfg), os.stat(copy)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))   # edited to the same size: its time tells
+    assert data.cache_key(HERE, [copy], cfg) != key
     edited = tmp_path / "data.py"                                   # data.py edited: another tokenizer, maybe
     edited.write_text(open(data.__file__).read() + "# edited\n")
     before = data.cache_key(HERE, files, cfg)
@@ -2262,7 +2300,7 @@ def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_mo
     monkeypatch.setattr(prune, "main", no_circuit)
     assert headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu") is None
     assert "--n_test=16" in calls[0]                                   # prune poses the task on headline's prompts
-    headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
+    assert headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu") is None
     assert len(calls) == 1                                             # the failure is cached ...
     st = os.stat(a)
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))         # ... until the checkpoint is written again
@@ -2275,13 +2313,17 @@ def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_mo
         os.utime(record, ns=(st.st_atime_ns, st.st_mtime_ns + later))
         headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
         assert len(calls) == pruned
+    record.write_text(json.dumps({**json.loads(open_text(record)), "checkpoint": b}))   # as newer, but of another
+    os.utime(record, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10 ** 9))              # run's checkpoint: not reused
     headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
-    assert len(calls) == 3 and json.loads(open_text(record))["settings"]["lr"] == 3e-3   # the failure: all settings
+    assert len(calls) == 4 and json.loads(open_text(record))["settings"]["lr"] == 3e-3   # the failure: all settings
     with monkeypatch.context() as m:                                   # prune.py's default lr changed since:
         m.setattr(prune, "PruneConfig", dataclasses.make_dataclass("PruneConfig", [("lr", float, 1e-2)],
                                                                    bases=(prune.PruneConfig,)))
         headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
-    assert len(calls) == 4                                             # every setting is in the key: pruned again
+        assert len(calls) == 5                                         # every setting is in the key: pruned again,
+        headline.circuit(a, "for_while", 1e-4, 0, dataclasses.replace(cfg, target_loss=0.1), "cpu")
+        assert len(calls) == 6                                         # the target too
     with pytest.raises(UserError, match="search that found no circuit: for_while: no circuit reaches"):
         draw.main([f"--circuit={record}"])                             # draw.py on it: one line, not a KeyError
     (tmp_path / "list.json").write_text("[1, 2]")
@@ -2319,9 +2361,37 @@ def test_the_circuit_picture_puts_layer_0_at_the_bottom_and_a_neuron_over_its_ne
               for l in ET.fromstring(draw.circuit_svg(rec)).findall(f"{ns}line") if l.find(f"{ns}title") is not None}
     assert colour == {"0.mlp.act_in[7] -> 0.mlp.post_act[5]": "#2166ac",        # blue w > 0, as the legend says
                       "0.mlp.act_in[3] -> 0.mlp.post_act[5]": "#b2182b"}        # red w < 0
+    svg = ET.fromstring(draw.circuit_svg({**rec, "nodes": rec["nodes"] + [node("1.attn.q", 3)], "n_nodes": 5}))
+    width = {l.find(f"{ns}title").text.split(":")[0]: l.get("stroke-width")
+             for l in svg.findall(f"{ns}line") if l.find(f"{ns}title") is not None}
+    assert width == {"0.mlp.act_in[7] -> 0.mlp.post_act[5]": "4.00", "0.mlp.act_in[3] -> 0.mlp.post_act[5]": "2.25"}
+    at = {c.find(f"{ns}title").text.split(" ")[0]: (float(c.get("cx")), float(c.get("cy"))) for c in svg.findall(f"{ns}circle")}
+    assert at["0.mlp.post_act[5]"][0] == (at["0.mlp.act_in[3]"][0] + at["0.mlp.act_in[7]"][0]) / 2
+    dashed = {(l.get("y1"), l.get("y2")) for l in svg.findall(f"{ns}line") if l.get("stroke-dasharray")}
+    y = lambda name: f"{at[name][1]:.1f}"                         # each residual channel's kept rows, not 1.attn.q's
+    assert dashed == {(y("1.attn.act_in[3]"), y("0.mlp.act_in[3]")), (y("0.mlp.act_in[7]"), y("0.mlp.act_in[7]"))}
+    assert next(svg.iter(f"{ns}text")).text == "t: 5 nodes, 1 edges"
+    assert [draw.node_label(s, i, 16) for s, i in (("0.attn.q", 18), ("1.attn.k", 18), ("0.attn.v", 35),
+                                                   ("0.mlp.post_act", 5), ("0.attn.act_in", 5))] == \
+        ["h1.2", "h1.2", "h2.3", "n5", "r5"]                       # head.dim of q/k/v, neuron, residual channel
     rec["curve"] = [{"nodes": n, "loss": l} for n, l in ((0, 0.69), (4, 0.12), (40, 0.05))]
     labels = [t.text for t in ET.fromstring(draw.curve_svg(rec)).iter(f"{ns}text")]
     assert "full model 0.050" in labels and "target 0.15" in labels   # full: every node kept, the curve's last
+    cy = [float(c.get("cy")) for c in ET.fromstring(draw.curve_svg(rec)).iter(f"{ns}circle")]
+    assert cy[:3] == sorted(cy[:3])                                   # lower loss drawn higher: y down in SVG
+
+
+def test_headline_plot_and_notes_say_what_the_figures_say():
+    points = [{"name": "s", "kind": "sparse", "val_loss": 3.0, "geomean_edges": 10.0},
+              {"name": "d", "kind": "dense", "val_loss": 3.1, "geomean_edges": 1000.0}]
+    (sx, sy, sparse), (dx, dy, dense) = [(float(c.get("cx")), float(c.get("cy")), c.get("fill")) for c in
+                                         ET.fromstring(headline.plot_svg(points)).iter("{http://www.w3.org/2000/svg}circle")]
+    assert sx < dx and dy < sy and (sparse, dense) == ("#d62728", "#1f77b4")   # more edges higher; sparse red
+    row = dict(sparse_circuit_loss=0.15, dense_circuit_loss=0.1, sparse_nodes=3, dense_nodes=2, sparse_edges=0,
+               dense_edges=2)
+    assert headline.row_notes(row, 0.15) == []            # at the target meets it; nodes without edges are no empty circuit
+    assert headline.row_notes({**row, "sparse_circuit_loss": 0.2, "dense_nodes": 0}, 0.15) == \
+        ["sparse test loss 0.200 > target", "dense circuit empty"]
 
 
 def test_headline_compares_only_the_tasks_every_model_solves():
