@@ -73,8 +73,8 @@ def parse_values(cls, argv, base=None):
         # the defaults as written: cls() would show what its checks rewrite (a path made absolute)
         shown = {**{name: default_of(field) for name, field in fields.items()}, **given}
         print(f"{cls.__name__} settings (override with --key=value):")
-        args, notes = {name: f"--{name}={as_arg(shown[name])}" for name in offered}, setting_comments(cls)
-        width = min(40, max(map(len, args.values())))
+        args = {name: f"--{name}={as_arg(shown[name])}" for name in offered}
+        notes, width = setting_comments(cls), min(40, max(map(len, args.values())))
         for name, arg in args.items():
             print(f"  {arg:<{width}}  # {notes[name]}" if name in notes else f"  {arg}")
         raise SystemExit(0)
@@ -97,7 +97,16 @@ def setting_comments(cls):
     notes = {}
     for klass in reversed(cls.__mro__):          # a subclass's own comment wins
         with contextlib.suppress(OSError, TypeError):   # no source to read (object, a frozen app): no comments
-            notes.update(re.findall(r"^ +(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(klass), re.M))
+            name = None
+            for line in inspect.getsource(klass).splitlines():
+                field = re.match(r"    (\w+): [^#]*#\s*(.+)$", line)   # a field of the class body, commented
+                more = re.match(r" {5,}#\s*(.+)$", line)               # its comment going on, indented past it
+                if field:
+                    name, notes[field[1]] = field[1], field[2]
+                elif more and name:
+                    notes[name] += " " + more[1]
+                else:
+                    name = None
     return notes
 
 

@@ -21,10 +21,11 @@ Notable features, each tied to the paper (docs/METHOD.md section 1):
   The residual stream itself is also a site, before each block (`{i}.resid_pre`; 0.resid_pre is
   the embedding), between its attention and MLP (`{i}.resid_mid`) and after the last block
   (`final_resid`): bridge.py's sites. Its channels are not pruning nodes (the 8 kinds above are).
-  A new site is two lines: `self.site_z = Site("attn_z", dim, config)` in a module's __init__ and
-  `z = self.site_z(z)` where forward computes it. It is named `{i}.attn_z` (SITE_SUFFIX holds the
-  authors' names) and can be recorded and rewritten; it is AbsTopK'd and pruned only if its kind is
-  in ALL_SPARSE_SITES.
+  A new site is two lines: `self.site_z = Site("attn_z", dim, config)` in the __init__ of a module
+  inside a Block and `z = self.site_z(z)` where its forward computes z. It is named `{i}.attn_z`
+  (SITE_SUFFIX holds the authors' names) and can be recorded and rewritten. It is not AbsTopK'd nor
+  a pruning node: those are the kinds in ALL_SPARSE_SITES, and a kind added there also needs its
+  weights in prune.py's edge count and a colour in draw.py.
 """
 
 import math

@@ -37,7 +37,7 @@ from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkp
 
 @dataclass
 class TrainConfig:
-    preset: str = "cpu"            # cpu | cpu45 | gpu: the defaults below are the cpu preset (see PRESETS)
+    preset: str = "cpu"            # cpu | cpu45 | gpu: each sets the defaults it names in PRESETS
     out_dir: str = "out/cpu"
     resume: bool = False           # continue from out_dir/ckpt.pt
     data_dir: str = ""             # folder of .py files; empty = this Python's standard library
@@ -45,7 +45,7 @@ class TrainConfig:
     # run length and logging
     max_iters: int = 800
     stop_iter: int = 0             # stop after this step as if interrupted (0 = run to max_iters)
-    eval_interval: int = 200       # val loss, samples and a checkpoint every this many steps
+    eval_interval: int = 200       # val loss (and train.py's samples) and a checkpoint every this many steps
     eval_iters: int = 10
     log_interval: int = 25
     sample_tokens: int = 48        # sampled continuation printed at each evaluation (0 = none)
@@ -392,6 +392,7 @@ def config_from_args(argv):
                         f"({saved['train_config']['data_dir'] or 'the standard library'}), whose tokenizer "
                         "the model's embeddings are in; start a new run in another --out_dir")
     return cfg
+
 
 def ranks_agree(model, world):
     """Whether every DDP rank holds the same weights: gather them all and compare."""
