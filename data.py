@@ -203,8 +203,9 @@ def encoding(ranks):
 def make_encoding(ranks_path):
     ranks = read_ranks(ranks_path)
     if len(ranks) != VOCAB_SIZE - 1:
-        raise UserError(f"{ranks_path} has {len(ranks)} tokens, not {VOCAB_SIZE - 1}: "
-                        "the data folder holds too little text to train the tokenizer")
+        raise UserError(f"{ranks_path} has {len(ranks)} tokens, not {VOCAB_SIZE - 1}: " + (
+            "the data folder holds too little text to train the tokenizer" if len(ranks) < VOCAB_SIZE - 1 else
+            f"not a tokenizer of this data.py (the id {VOCAB_SIZE - 1} is <|endoftext|>)"))
     return encoding(ranks)
 
 

@@ -572,6 +572,8 @@ def test_config_parsing_and_bad_values(capsys):
         assert not [a for a in shown if os.getcwd() in a], cls       # paths as written, not this machine's
         if cls is bridge.BridgeConfig:                               # and none that it would refuse
             assert not {a[2:].split("=")[0] for a in shown} & set(bridge.TRAIN_ONLY_KEYS)
+    with pytest.raises(SystemExit):
+        parse_args(tasks.TaskConfig, ["-h"])                        # the short form too
     notes = config.setting_comments(bench.BenchConfig)           # a comment of two lines whole; a section's not
     assert notes["rounds"].endswith("after one untimed step (so 10 steps in 10 rounds run 20)")
     assert config.setting_comments(train.TrainConfig)["eval_task"].endswith('at each evaluation ("" = none)')
@@ -881,6 +883,16 @@ def test_bpe_training_on_a_toy_corpus():
     # the ties: after bb, ca (counted before ac), not ac
     ranks = data.train_bpe(Counter({"abcbb": 2, "bcaca": 2}), vocab_size=256 + 4)
     assert list(ranks)[256:] == [b"bc", b"bb", b"ca"]
+    assert list(data.train_bpe(Counter({"abc": 1}), vocab_size=300))[256:] == [b"ab", b"abc"]   # no pair left: stop
+
+
+def test_a_tokenizer_file_of_another_size_is_refused(tmp_path, corpus):
+    ranks = data.read_ranks(os.path.join(corpus[0], "tokenizer.tiktoken"))
+    for name, other, words in (("more", {**ranks, b"not ours": 2047}, "not a tokenizer of this data.py"),
+                               ("fewer", dict(list(ranks.items())[:-1]), "the data folder holds too little text")):
+        data.write_ranks(other, str(tmp_path / name))
+        with pytest.raises(UserError, match=f"{name} has {len(other)} tokens, not 2047: {words}"):
+            data.make_encoding(str(tmp_path / name))
 
 
 def test_data_dir_without_py_files_or_with_too_little_text_is_a_user_error(tmp_path):
@@ -984,6 +996,14 @@ def test_a_split_too_short_for_one_window_is_a_user_error_before_training(tmp_pa
     assert x.shape == y.shape == (200, 32) and torch.equal(y, x + 1)   # each target the token after its input
     assert (x[:, 0] == 0).all()          # start 1 is possible but left out (README, Data order): runs reproduce
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_we_may_not_enter_is_no_place_to_write(tmp_path, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (os.fspath(path) == str(tmp_path) and mode & os.X_OK)
+                        and real_access(path, mode))       # as a folder of mode 0o666: writable, not searchable
+    with pytest.raises(UserError, match=f"--out_dir={tmp_path}/run cannot be written"):
+        config.check_writable("out_dir", str(tmp_path / "run"))
 
 
 def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
