@@ -2313,6 +2313,8 @@ def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_mo
     names = headline.model_names(cfg)
     assert names["out/cpu45/ckpt.pt"] == "cpu45" and names["out/cpu45/step800.pt"] == "cpu45_step800"
     assert names[a].startswith("x_") and names[b].startswith("x_") and names[a] != names[b]
+    alias = os.path.join(os.path.dirname(a), "..", "x", "ckpt.pt")    # a's file named another way: one model
+    assert headline.model_names(dataclasses.replace(cfg, dense=alias)) == {a: "x", alias: "x"}
     calls = []
     def failing(argv):                                                 # any other error: not a result, not kept
         raise UserError(f"the model's data folder is gone ({argv[0]})")
