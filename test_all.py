@@ -2303,6 +2303,18 @@ def test_headline_leaves_out_what_has_no_circuit_and_still_writes_the_table(tmp_
     assert result["plot_tasks"] == ["for_while"] and [p["name"] for p in result["points"]] == ["sparse", "near"]
     out = capsys.readouterr().out
     assert "if_equals left out" in out and "plot: far left out" in out
+    sparse2 = save_tiny(tmp_path / "sparse2" / "ckpt.pt", tiny_model(), 3.0)
+    def disjoint(path, task, cfg, device):                           # the two comparisons share no task
+        if (path, task) in ((sparse, "if_equals"), (sparse2, "for_while")):
+            raise prune.NoCircuit(f"{path}: no circuit for {task}")
+        return {"n_edges": 7, "n_nodes": 3, "losses": {"circuit": 0.5}, "settings": {"k_coef": 1e-4, "seed": 0}}
+    monkeypatch.setattr(headline, "smallest_circuit", disjoint)
+    headline.main([f"--sparse={sparse},{sparse2}", f"--dense={near}", "--tasks=for_while,if_equals", "--target_loss=0.8",
+                   "--n_test=16", f"--out_dir={tmp_path / 'd'}", "--device=cpu"])
+    result = json.loads(open_text(tmp_path / "d" / "headline.json"))
+    assert [[r["task"] for r in c["rows"]] for c in result["comparisons"]] == [["for_while"], ["if_equals"]]
+    assert result["plot_tasks"] == [] and result["points"] == [] and not (tmp_path / "d" / "headline.svg").exists()
+    assert "plot: geometric mean of edges over no task common to every comparison" in capsys.readouterr().out
 
 
 def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_models_own(tmp_path, monkeypatch):
