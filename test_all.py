@@ -6,6 +6,7 @@ The tests: the math of each piece, and the promises a user relies on.
 
 import ast
 import contextlib
+import copy
 import dataclasses
 import errno
 import importlib.util
@@ -2572,6 +2573,25 @@ def test_bridge_losses_and_their_gradients_equal_the_terms_by_hand():
     assert not any(p.requires_grad for p in dense.parameters())
 
 
+def test_bridge_loss_weights_each_term_by_its_own_coefficient_and_evaluation_averages_its_batches():
+    terms = {k: torch.tensor(v) for k, v in dict(ce=1.0, nmse_enc=10.0, nmse_dec=100.0, kl_ds=1e3, kl_sd=1e4).items()}
+    cfg = bridge.BridgeConfig(coef_ce=2.0, coef_nmse=3.0, coef_kl_ds=5.0, coef_kl_sd=7.0)
+    assert bridge.total_loss(terms, cfg).item() == 2 + 3 * 110 + 5e3 + 7e4
+    dense, sparse, bridges = two_bridged_models()
+    tokens = np.random.default_rng(0).integers(0, 64, 500).astype(np.uint16)
+    cfg = bridge.BridgeConfig(device="cpu", n_layer=2, d_model=32, block_size=16, eval_task="", eval_iters=3,
+                              batch_size=2)
+    got = bridge.evaluate_bridges(sparse, dense, bridges, tokens, cfg)["sites"]["0.resid_mid"]["nmse_enc"]
+    gen, want = torch.Generator().manual_seed(cfg.seed + 1), []      # the val loss's batches, as estimate_loss draws
+    with torch.no_grad():
+        for _ in range(3):
+            x, _ = data.get_batch(tokens, 2, 16, gen)
+            d_logits, d_acts, _, s_acts = bridge.both_models(sparse, dense, x, bridges.sites)
+            terms = bridge.site_terms(sparse, dense, bridges, x, "0.resid_mid", d_logits, d_acts, s_acts)
+            want.append(terms["nmse_enc"])
+    assert got == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)   # the mean over eval_iters batches
+
+
 def test_bridge_training_steps_move_the_bridges_and_lower_the_loss():
     dense, sparse, bridges = two_bridged_models()
     sparse.train()
@@ -2664,6 +2684,8 @@ def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "x", str(sparse_dir / "ckpt.pt")))
     with pytest.raises(UserError, match="cannot bridge: dense n_layer=1 but sparse n_layer=2"):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "y", tiny_dense, n_layer=2))
+    with pytest.raises(UserError, match="dense vocab_size=64 but sparse vocab_size=128"):
+        bridge.check_bridgeable(tiny_config(), dataclasses.replace(tiny_config(), vocab_size=128))
     result = subprocess.run([sys.executable, "bridge.py", f"--dense={sparse_dir / 'ckpt.pt'}",
                              f"--out_dir={tmp_path / 'z'}"], cwd=HERE, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
@@ -2687,6 +2709,10 @@ def test_bridge_bad_input_is_a_one_line_error(tmp_path, tiny_dense, corpus):
             bridge.config_from_args([bad, "--d_model=32", f"--out_dir={tmp_path / 'w'}"])
     with pytest.raises(UserError, match=r"--dense, --d_model: not used with --steer=True, which takes the models"):
         bridge.config_from_args(["--steer=True", "--dense=other.pt", "--d_model=32", "--steer_channel=3"])
+    assert bridge.config_from_args(["--steer=True", "--seed=3", f"--out_dir={tmp_path}"]).seed == 3   # steering's own
+    no_abstopk = bridge.config_from_args(["--bridge_afrac=1", "--d_model=32", f"--out_dir={tmp_path / 'w'}"])
+    assert no_abstopk.bridge_afrac == 1
+    assert bridge.Bridges(["0.resid_mid"], 32, 32, 1.0).k == 0                   # 1: no AbsTopK on the bridges
 
 
 def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the_run_bit_for_bit(tmp_path, tiny_dense):
@@ -2724,10 +2750,15 @@ def test_bridge_resume_takes_its_settings_from_the_checkpoint_and_reproduces_the
 
 
 def test_steering_follows_its_recipe_by_hand(tmp_path, tiny_dense):
-    bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, block_size=64, max_iters=1))
+    bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, block_size=64, max_iters=1, bridge_afrac=0.5))
+    with pytest.raises(UserError, match="exists: pass --resume=True"):             # a run is never overwritten
+        bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, block_size=64, max_iters=1))
     steer = dict(steer=True, steer_prompts=8, steer_site="0.resid_mid", steer_controls=1)
+    with pytest.raises(UserError, match="--steer_site=0.attn.resid_delta is not a bridge site"):
+        bridge.steer(tiny_bridge_config(tmp_path / "b", tiny_dense, **{**steer, "steer_site": "0.attn.resid_delta"}))
     result = bridge.steer(tiny_bridge_config(tmp_path / "b", tiny_dense, **steer))   # the default channel
     sparse, dense, bridges, folder = bridge.load_bridged(tiny_bridge_config(tmp_path / "b", tiny_dense, device="cpu"))
+    assert bridges.k == 16                                            # the run's bridge_afrac, 0.5 of 32
     prompts = [p for p in make_prompts("single_double_quote", data.get_encoding(folder), 8, 1337, "test")
                if len(p.ids) <= 64]
     site, source, runs = "0.resid_mid", [p for p in prompts if p.label == 1], [p for p in prompts if p.label == 0]
@@ -2756,6 +2787,7 @@ def test_steering_follows_its_recipe_by_hand(tmp_path, tiny_dense):
         return pr[p.correct].item(), pr[p.alt].item()
     edits = [dense_probs(p, bridges.decode(site, edited(act(sparse, p), channel)) - bridges.decode(site, act(sparse, p)))
              for p in runs]
+    assert result["before"] == pytest.approx(tuple(map(np.mean, zip(*[dense_probs(p, 0.0) for p in runs]))), rel=1e-5)
     assert result["edit"] == pytest.approx(tuple(map(np.mean, zip(*edits))), rel=1e-5)
     assert result["edit"] != pytest.approx(result["before"], rel=1e-4)     # the edit moves the dense model
     control = random.Random(bridge.BridgeConfig().seed).sample([c for c in range(32) if c != channel], 1)[0]
@@ -2812,20 +2844,28 @@ def test_bridges_find_the_dense_model_from_any_folder_or_where_it_moved_and_stee
 
 def test_steer_leaves_out_prompts_longer_than_the_context_and_refuses_when_a_class_has_none(tmp_path, tiny_dense,
                                                                                             capsys):
-    for block in (64, 16):
+    # its 8 test prompts (seed 1337) are 29 (label 0), 34 (0), 34 (1), 39, 40, 52, 72 and 78 tokens long
+    for block in (34, 33):
         bridge.train_bridges(tiny_bridge_config(tmp_path / str(block), tiny_dense, block_size=block, max_iters=1))
     steer = dict(steer=True, steer_prompts=8, steer_site="0.resid_mid", steer_controls=1)
     capsys.readouterr()
-    bridge.main([f"--out_dir={tmp_path / '64'}", "--steer=True", "--steer_prompts=8", "--steer_site=0.resid_mid",
-                 "--steer_controls=1", "--device=cpu"])                # 2 of its 8 prompts are longer
+    bridge.main([f"--out_dir={tmp_path / '34'}", "--steer=True", "--steer_prompts=8", "--steer_site=0.resid_mid",
+                 "--steer_controls=1", "--device=cpu"])                # a prompt of exactly block_size tokens fits
     out = capsys.readouterr().out
-    assert "note: 2 of 8 prompts are longer than the models' block_size=64" in out
+    assert "note: 5 of 8 prompts are longer than the models' block_size=34" in out
     shown = json.loads(out.split("settings: ", 1)[1].splitlines()[0])   # only what steering uses, nothing it ignores
     assert shown["steer_site"] == "0.resid_mid" and "n_layer" not in shown and "dense" not in shown
-    result = bridge.steer(tiny_bridge_config(tmp_path / "64", tiny_dense, **steer))
+    result = bridge.steer(tiny_bridge_config(tmp_path / "34", tiny_dense, **steer))
     assert all(0.0 <= p <= 1.0 for p in result["edit"])
-    with pytest.raises(UserError, match="fits block_size=16"):
-        bridge.steer(tiny_bridge_config(tmp_path / "16", tiny_dense, **steer))
+    with pytest.raises(UserError, match="fits block_size=33"):          # one prompt fits: of one class only
+        bridge.steer(tiny_bridge_config(tmp_path / "33", tiny_dense, **steer))
+
+
+def test_bridges_saved_before_the_dense_models_identity_take_the_dense_model_at_its_saved_path(tiny_dense):
+    _, dense_ckpt = bridge.load_dense(tiny_dense, "cpu")
+    bridge.check_same_dense({"dense": tiny_dense}, dense_ckpt, tiny_dense)          # the same path: accepted
+    with pytest.raises(UserError, match="saved nothing that tells"):
+        bridge.check_same_dense({"dense": "/elsewhere/ckpt.pt"}, dense_ckpt, tiny_dense)
 
 
 def test_bridge_losses_compute_no_gradient_for_the_frozen_dense_model(tiny_dense):
@@ -3030,7 +3070,7 @@ def test_headline_checks_each_models_role_and_data_before_evaluating_any(tmp_pat
 # bad input to bridge.py
 
 
-def test_bridge_data_dir_and_init_sparse_are_checked_against_the_dense_model(tmp_path, tiny_dense):
+def test_bridge_data_dir_and_init_sparse_are_checked_against_the_dense_model(tmp_path, tiny_dense, monkeypatch):
     cfg = tiny_bridge_config(tmp_path / "b", tiny_dense)
     with pytest.raises(UserError, match="differs from the dense model's ''"):
         bridge.train_bridges(tiny_bridge_config(tmp_path / "b", tiny_dense, data_dir=str(tmp_path)))
@@ -3045,9 +3085,14 @@ def test_bridge_data_dir_and_init_sparse_are_checked_against_the_dense_model(tmp
     assert not (tmp_path / "b").exists()
     stdlib = data.default_data_dir()                 # the standard library by its path is the default ""
     ok = save_tiny(tmp_path / "ok.pt", GPT(cfg.model_config()), data_dir=stdlib)
+    starts, make_optimizer = [], bridge.make_optimizer               # the sparse model as its training begins
+    monkeypatch.setattr(bridge, "make_optimizer", lambda model, c: starts.append(copy.deepcopy(model.state_dict()))
+                        or make_optimizer(model, c))
     bridge.train_bridges(tiny_bridge_config(tmp_path / "ok", tiny_dense, data_dir=stdlib, init_sparse=ok,
                                             max_iters=1, eval_interval=1))
     assert (tmp_path / "ok" / "ckpt.pt").exists()
+    init = torch.load(ok)["model"]
+    assert all(torch.equal(starts[0][k], v) for k, v in init.items())   # --init_sparse's weights, not a new draw
 
 
 def test_a_diverging_bridge_run_stops_without_saving(tmp_path, tiny_dense, monkeypatch):
