@@ -513,11 +513,6 @@ def last_logits(model, prompts, device, batch_size=64):
     return out
 
 
-def logit_diffs(model, prompts, device, batch_size=64):
-    """Correct minus alternative logit for each prompt, (N,), in prompt order."""
-    return logit_diff(last_logits(model, prompts, device, batch_size), *answer_ids(prompts))
-
-
 def evaluate(model, prompts, device, batch_size=64):
     """(task loss, accuracy) of the model on the prompts, as floats."""
     loss, acc = task_loss(last_logits(model, prompts, device, batch_size), *answer_ids(prompts))
@@ -564,20 +559,16 @@ def load_model(path, device):
 # -----------------------------------------------------------------------------
 # the script
 
-def list_tasks(names, enc, seed):
-    for name in names:
-        rule = (TASKS[name].__doc__ or "(no docstring)").split("\n")[0]
-        p = make_prompts(name, enc, 2, seed, "train")[0]
-        tail = enc.decode(p.ids)[-60:]
-        print(f"{name}: {rule}\n    ...{tail!r}  ->  {enc.decode([p.correct])!r} | {enc.decode([p.alt])!r}")
-
-
 def main(argv):
     cfg = parse_args(TaskConfig, argv)
     names = list(TASKS) if cfg.task == "all" else [cfg.task]
     cfg.device = resolve_device(cfg.device)   # also when it lists the tasks: a bad --device is a mistake there too
-    if not cfg.ckpt:
-        list_tasks(names, data.get_encoding(data.prepare(data.DataConfig())), cfg.seed)   # says so if it builds
+    if not cfg.ckpt:   # each task's rule (its docstring's first line) and one example
+        enc = data.get_encoding(data.prepare(data.DataConfig()))   # prepare says so if it builds the cache
+        for name in names:
+            p, rule = make_prompts(name, enc, 2, cfg.seed, "train")[0], (TASKS[name].__doc__ or "(no docstring)")
+            print(f"{name}: {rule.splitlines()[0]}\n    ...{enc.decode(p.ids)[-60:]!r}  ->  "
+                  f"{enc.decode([p.correct])!r} | {enc.decode([p.alt])!r}")
         return
     model, _, folder = load_model(cfg.ckpt, cfg.device)
     enc = data.get_encoding(folder)

@@ -1491,7 +1491,7 @@ def test_batched_right_padded_evaluation_equals_one_prompt_at_a_time(corpus, tin
     loss, acc = tasks.evaluate(tiny_gpt, prompts, "cpu", batch_size=5)
     expected = tasks.task_loss(alone, *tasks.answer_ids(prompts))
     assert loss == pytest.approx(expected[0].item(), abs=1e-5) and acc == expected[1].item()
-    diffs = tasks.logit_diffs(tiny_gpt, prompts, "cpu")
+    diffs = tasks.logit_diff(batched, *tasks.answer_ids(prompts))
     assert diffs.shape == (12,) and torch.allclose(torch.nn.functional.softplus(-diffs).mean(), expected[0], atol=1e-5)
 
 
@@ -2774,9 +2774,10 @@ def test_steering_follows_its_recipe_by_hand(tmp_path, tiny_dense):
     def shift(c):       # the sparse model's own answer under the edit of channel c, against unedited
         diffs = []
         for p in runs:
+            unedited = sparse(torch.tensor([p.ids]))[0][0, -1]
             with sparse.hooks({site: lambda x, name: edited(x, c)}):
-                logits = sparse(torch.tensor([p.ids]))[0][:, -1]
-            diffs.append((logits[0, p.correct] - logits[0, p.alt] - tasks.logit_diffs(sparse, [p], "cpu")[0]).item())
+                logits = sparse(torch.tensor([p.ids]))[0][0, -1]
+            diffs.append((logits[p.correct] - logits[p.alt] - unedited[p.correct] + unedited[p.alt]).item())
         return np.mean(diffs)
     channel = min(range(32), key=shift)
     assert result["channel"] == channel and shift(channel) < 0     # the channel that moves the answer most
