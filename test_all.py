@@ -275,9 +275,10 @@ def test_rmsnorm_matches_formula():
     torch.manual_seed(0)
     norm = RMSNorm(8)
     norm.weight.data = torch.randn(8)
-    x = torch.randn(3, 8)
-    expected = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + norm.eps) * norm.weight
-    torch.testing.assert_close(norm(x), expected)
+    for x in (torch.randn(3, 8), 1e-3 * torch.randn(3, 8)):        # small x: where eps weighs (trained with 1e-5)
+        expected = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+        torch.testing.assert_close(norm(x), expected)
+    assert torch.equal(norm(torch.zeros(2, 8)), torch.zeros(2, 8))   # zero stays zero, not nan
 
 
 def test_sink_minus_inf_is_plain_causal_attention_and_finite_sink_is_off_by_one_softmax():
@@ -949,6 +950,7 @@ def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeyp
     assert flags[0] and sum(flags[1:]) == 1                                # a file with text joins it
     unpicked = [f"pkg{i}/__init__.py" for i in range(100) if not data.is_val(f"pkg{i}/__init__.py", 50)][:2]
     assert sum(data.val_flags(unpicked, [0, 0], 50)) == 1                  # only empty files: still one
+    assert data.val_flags(["a.py"], [900], 50) == [False]                  # one file: trains (train.py refuses it)
     names = ["argparse.py", "ast.py", "csv.py", "difflib.py", "inspect.py", "typing.py"]
     assert not any(data.is_val(n, 50) for n in names)                      # the hash alone picks none of these
     home = tmp_path / "home"
@@ -970,10 +972,15 @@ def test_a_small_home_relative_folder_gets_one_validation_file(tmp_path, monkeyp
     tokenizer = open(os.path.join(folder, "tokenizer.tiktoken"), "rb").read()
     for name, damaged in (("train.bin", b"\0" * 1000), ("val.bin", b"\0" * 10),
                           ("tokenizer.tiktoken", tokenizer[:len(tokenizer) // 2])):
-        open(os.path.join(folder, name), "wb").write(damaged)        # a copy cut short: found, and built again
-        assert not data.cache_is_complete(folder)
-        assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder
-        assert len(data.load_tokens(folder, "train")) == meta["train_tokens"] and data.cache_is_complete(folder)
+        whole = open(os.path.join(folder, name), "rb").read()
+        open(os.path.join(folder, name), "wb").write(damaged)        # a copy cut short: found
+        assert not data.cache_is_complete(folder), name
+        open(os.path.join(folder, name), "wb").write(whole)
+    assert data.cache_is_complete(folder)
+    open(os.path.join(folder, "tokenizer.tiktoken"), "wb").write(tokenizer[:len(tokenizer) // 2])
+    assert data.prepare(data.DataConfig(data_dir="~/small", cache_dir="cache"), verbose=False) == folder   # built again
+    assert len(data.load_tokens(folder, "train")) == meta["train_tokens"] and data.cache_is_complete(folder)
+    assert open(os.path.join(folder, "tokenizer.tiktoken"), "rb").read() == tokenizer
     for split, files in (("train", meta["files"] - meta["val_files"]), ("val", meta["val_files"])):
         tokens = data.load_tokens(folder, split)                          # every document ends with one <|endoftext|>
         assert int((tokens == 2047).sum()) == files and tokens[-1] == 2047, split
@@ -2220,8 +2227,12 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
             return [fn(*a) for a in args]
     monkeypatch.setattr(headline.multiprocessing, "get_context", lambda method: SimpleNamespace(Pool=SerialPool))
     before = len(calls)
+    shutil.copytree(tmp_path / "h", tmp_path / "hj")
+    for record in (tmp_path / "hj" / "circuits").rglob("for_while.json"):
+        record.unlink()                                              # 6 runs to prune again, 6 to read
     headline.main([a.replace(str(tmp_path / "h"), str(tmp_path / "hj")) for a in args] + ["--jobs=2"])
-    assert len(calls) - before == len(pooled) == 12                 # the pool pruned every run; main only read them
+    assert len(pooled) == 12 and len(calls) - before == 6           # the pool pruned what was missing; main only read
+    assert all("--task=for_while" in argv for argv in calls[before:])
     assert json.loads(open_text(tmp_path / "hj" / "headline.json"))["comparisons"] == result["comparisons"]
     before = len(calls)
     headline.main(args + ["--prune_seeds=0,1", "--k_coefs=1e-4"])    # seed 1 joins the search: only its runs are new
@@ -2348,23 +2359,23 @@ def test_headline_cache_is_keyed_on_the_checkpoint_file_and_its_folder_is_the_mo
     headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
     assert len(calls) == 2
     record = tmp_path / "h" / "circuits" / names[a] / "k_coef=0.0001" / "for_while.json"
-    for later, pruned in ((0, 3), (2 * 10 ** 9, 3)):   # a record from before the key: reused if newer than the file
+    for later, pruned in ((0, 3), (10 ** 9, 4), (2 * 10 ** 9, 4)):   # a record from before the key: reused if newer
         old = {k: v for k, v in json.loads(open_text(record)).items() if k != "checkpoint_key"}
         record.write_text(json.dumps(old))
         os.utime(record, ns=(st.st_atime_ns, st.st_mtime_ns + later))
         headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
-        assert len(calls) == pruned
+        assert len(calls) == pruned                                    # than the file (written in the same tick: not)
     record.write_text(json.dumps({**json.loads(open_text(record)), "checkpoint": b}))   # as newer, but of another
     os.utime(record, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10 ** 9))              # run's checkpoint: not reused
     headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
-    assert len(calls) == 4 and json.loads(open_text(record))["settings"]["lr"] == 3e-3   # the failure: all settings
+    assert len(calls) == 5 and json.loads(open_text(record))["settings"]["lr"] == 3e-3   # the failure: all settings
     with monkeypatch.context() as m:                                   # prune.py's default lr changed since:
         m.setattr(prune, "PruneConfig", dataclasses.make_dataclass("PruneConfig", [("lr", float, 1e-2)],
                                                                    bases=(prune.PruneConfig,)))
         headline.circuit(a, "for_while", 1e-4, 0, cfg, "cpu")
-        assert len(calls) == 5                                         # every setting is in the key: pruned again,
+        assert len(calls) == 6                                         # every setting is in the key: pruned again,
         headline.circuit(a, "for_while", 1e-4, 0, dataclasses.replace(cfg, target_loss=0.1), "cpu")
-        assert len(calls) == 6                                         # the target too
+        assert len(calls) == 7                                         # the target too
     with pytest.raises(UserError, match="search that found no circuit: for_while: no circuit reaches"):
         draw.main([f"--circuit={record}"])                             # draw.py on it: one line, not a KeyError
     (tmp_path / "list.json").write_text("[1, 2]")
@@ -3008,7 +3019,8 @@ def test_prune_refuses_bad_optimizer_and_search_settings():
     for kw, words in cases:
         with pytest.raises(UserError, match=words):
             prune.PruneConfig(**kw)
-    prune.PruneConfig(lr=0.0, k_coef=0.0, bisect_se=0.0, weight_decay=0.0, beta2=0.0)   # the edges of what is allowed
+    prune.PruneConfig(lr=0.0, k_coef=0.0, bisect_se=0.0, weight_decay=0.0, beta2=0.0, seed=-2**63)   # the edges of
+    prune.PruneConfig(seed=2**63 - 1)                                                                 # what is allowed
 
 
 def test_prune_script_refuses_a_bad_out_dir_before_loading_anything(tmp_path):
