@@ -58,7 +58,7 @@ class BridgeConfig(TrainConfig):
     out_dir: str = "out/bridge"
     dense: str = "out/cpu_dense/ckpt.pt"   # the frozen dense model (a train.py checkpoint, l0_frac=1, afrac=1)
     init_sparse: str = ""            # start the sparse model from this checkpoint ("" = from scratch [paper])
-    max_iters: int = 500             # sized for 15 minutes on 2 cores with batch 16
+    max_iters: int = 500             # about 11 minutes on 2 cores at batch 16 (a 15-minute budget)
     eval_interval: int = 250
     batch_size: int = 16
     sample_tokens: int = 0           # train.py's; bridge.py neither samples

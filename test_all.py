@@ -605,7 +605,8 @@ def test_the_readme_gives_each_files_length_within_5_percent():
     stated = {"sparse_gpt.py": r"model about (\d+) lines", "abstopk_triton.py": r"an (\d+)-line GPU kernel",
               "data.py": r"data and tokenizer (\d+)", "train.py": r"training (\d+)", "tasks.py": r"tasks (\d+)",
               "prune.py": r"pruning (\d+)", "draw.py": r"\+ (\d+) for the pictures", "bridge.py": r"bridges (\d+)",
-              "bench.py": r"benchmark (\d+)", "headline.py": r"headline experiment (\d+)"}
+              "bench.py": r"benchmark (\d+)", "headline.py": r"headline experiment (\d+)",
+              "config.py": r"settings and safe writes (\d+)"}
     for name, pattern in stated.items():
         lines = len(open_text(os.path.join(HERE, name)).splitlines())
         assert abs(lines - int(re.search(pattern, intro).group(1))) <= 0.05 * lines, (name, lines)

@@ -41,19 +41,19 @@ class TrainConfig:
     out_dir: str = "out/cpu"
     resume: bool = False           # continue from out_dir/ckpt.pt
     data_dir: str = ""             # folder of .py files; empty = this Python's standard library
-    seed: int = 1337
+    seed: int = 1337               # init, batches, samples: a run is reproduced by its seed
     # run length and logging
-    max_iters: int = 800
+    max_iters: int = 800           # optimizer steps; the schedules are fractions of it
     stop_iter: int = 0             # stop after this step as if interrupted (0 = run to max_iters)
     eval_interval: int = 200       # val loss (and train.py's samples) and a checkpoint every this many steps
-    eval_iters: int = 10
-    log_interval: int = 25
+    eval_iters: int = 10           # batches per split at each evaluation (the same ones every time)
+    log_interval: int = 25         # a progress line every this many steps
     sample_tokens: int = 48        # sampled continuation printed at each evaluation (0 = none)
     eval_task: str = "single_double_quote"  # task loss on its test prompts at each evaluation ("" = none)
     # batch
-    batch_size: int = 32
+    batch_size: int = 32           # sequences per micro-batch, per process
     block_size: int = 256
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1   # micro-batches per step: tokens/step = this x batch x block x processes
     # model (sparse_gpt.GPTConfig)
     n_layer: int = 4
     d_model: int = 128
@@ -61,10 +61,10 @@ class TrainConfig:
     mlp_ratio: int = 4
     afrac: float = 0.25            # AbsTopK fraction at the 8 sites; 1 = off
     sparse_sites: tuple = ALL_SPARSE_SITES  # where AbsTopK applies (comma-separated on the command line)
-    learned_pos: bool = False
-    bigram: bool = True
-    sparse_biases: bool = True
-    min_per_channel: int = 4
+    learned_pos: bool = False      # learned absolute position embedding (the paper: "roughly neutral")
+    bigram: bool = True            # dense vocab x vocab bigram logit table [paper]
+    sparse_biases: bool = True     # biases top-k projected with the weights
+    min_per_channel: int = 4       # every output row keeps at least this many nonzero weights [paper: j]
     abstopk_by: str = "topk"       # topk | radix (compiled) | triton (a GPU kernel); ties differ: sparse_gpt.GPT
     # weight sparsity and its anneal
     l0_frac: float = 0.125         # target fraction of nonzero weights; 1 = dense
@@ -72,7 +72,7 @@ class TrainConfig:
     anneal_end: float = 0.5        # ... then linear in L0 fraction down to l0_frac by this one
     # optimizer
     learning_rate: float = 3e-2    # base LR of the sharkfin (at the target L0)
-    warmup_frac: float = 0.01
+    warmup_frac: float = 0.01      # linear LR warmup over this fraction of max_iters
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -80,7 +80,7 @@ class TrainConfig:
     # system
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast on CUDA)
-    compile: bool = False
+    compile: bool = False          # torch.compile the step (the gpu preset sets it; needs a C++ compiler on a CPU)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
