@@ -40,11 +40,16 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import resource
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from statistics import median
+
+try:
+    import resource             # POSIX only: peak memory where /proc is not there (macOS)
+except ImportError:
+    resource = None             # Windows: peak memory is not measured (nan)
 
 import torch
 
@@ -187,12 +192,14 @@ def fixed_mask_hooks(model, cfg):
 
 def peak_rss():
     """This process's peak resident memory in bytes. Linux's VmHWM starts afresh in a spawned process;
-    ru_maxrss (the fallback elsewhere) can carry the parent's peak over."""
+    ru_maxrss (the fallback elsewhere) can carry the parent's peak over; it counts kilobytes, on macOS bytes."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if resource is None:
+            return float("nan")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def time_in_turns(variants, steps, rounds, warmup, each_round):

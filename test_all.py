@@ -220,7 +220,9 @@ def test_the_triton_kernel_selects_as_radix_does_in_tritons_interpreter(tmp_path
     wide = torch.randn(6, 3 * 40)
     rows = [(torch.randn(5, 7, 40), 10), (wide[:, 40:80], 8),   # a slice, as q, k and v are (fp32: strided)
             (torch.randn(3, 33), 33), (torch.randn(4, 24), 1),
-            (torch.randn(3, 2048), 512), (torch.randn(2, 64), 16)]   # one row a program; no padding
+            (torch.randn(3, 2048), 512), (torch.randn(2, 64), 16),   # one row a program; no padding
+            (torch.randn(40, 6).t(), 8),                      # rows that are columns of a matrix (strides 1, 6)
+            (torch.tensor([[1.0, torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))]]), 1)]   # the lowest bit decides
     x = torch.randn(4, 48)
     x[0, 6:] = 0                                               # fewer than k nonzeros: ties at 0
     x[1, 10:] = x[1, 9]                                        # ties at a nonzero k-th |x|
@@ -239,7 +241,7 @@ def test_the_triton_kernel_selects_as_radix_does_in_tritons_interpreter(tmp_path
         nan[0, [5, 30]], nan[1, 2] = math.nan, -math.nan       # ranked by its bits, above inf, as radix ranks it
         kept, ref = abstopk_triton.abstopk(nan, 8), abstopk_radix(nan, 8)
         assert torch.equal(kept.isnan(), ref.isnan()) and torch.equal(kept.nan_to_num(), ref.nan_to_num()), dtype
-    for bad, k in ((x, 0), (x, 49), (x.to(torch.int32), 2)):
+    for bad, k in ((x, 0), (x, 49), (x.to(torch.int32), 2), (x.double(), 2)):   # fp64: no kernel of 64-bit rows
         with pytest.raises(ValueError, match=f"k={k}"):
             abstopk_triton.abstopk(bad, k)
     cfg = tiny_train_config(tmp_path, abstopk_by="triton", device="cpu", afrac=0.5)
@@ -372,6 +374,12 @@ def test_generate_samples_from_the_top_k_at_the_temperature_and_crops_the_contex
     assert set(model.generate(idx, 1, top_k=3)[:, -1].tolist()) == {61, 62, 63}   # each of the 3, none other
     assert (model.generate(idx, 1, temperature=1e-3)[:, -1] == 63).all()           # near 0: greedy
     assert model.generate(torch.zeros(1, 16, dtype=torch.long), 3).shape == (1, 19)   # past block_size 16
+    assert (model.generate(idx, 1, temperature=0)[:, -1] == 63).all()              # 0: greedy, not a division by 0
+    assert len(set(model.generate(idx, 1, top_k=100)[:, -1].tolist())) > 3         # more than the vocab: all of it
+    with torch.no_grad():
+        model.bigram.copy_(torch.eye(64).roll(1, 1) * 50)                          # after token t comes t + 1
+    context = torch.arange(16)[None]                                               # block_size tokens: 0 ... 15
+    assert model.generate(context, 3, temperature=0)[0, 16:].tolist() == [16, 17, 18]   # each read at the newest token
 
 
 def test_embeddings_and_unembedding_start_at_std_0_02():
@@ -1393,6 +1401,9 @@ def test_every_task_builds_balanced_prompts_with_distinct_single_token_answers(c
             pairs = {(p.correct, p.alt) for p in prompts}
             if len(pairs) == 2:                     # a fixed pair: each token is right half the time
                 assert Counter(p.correct for p in prompts) == Counter({a: 20 for a, _ in pairs}), name
+    assert [p.label for p in tasks.make_prompts("for_while", enc, 6)] == [0, 1] * 3   # alternating: any even n is balanced
+    with pytest.raises(UserError, match="n=3 must be positive and even"):
+        tasks.make_prompts("for_while", enc, 3)                    # half of each class: no odd count
 
 
 def test_answer_names_are_single_tokens(corpus):
@@ -1462,6 +1473,13 @@ def test_a_task_whose_answer_is_not_one_token_fails_at_construction(corpus, monk
     monkeypatch.setitem(tasks.TASKS, "long", lambda rng, label: ("x = [" + "1, " * 200, "]", "]]"))
     with pytest.raises(ValueError, match="at most 255"):
         tasks.make_prompts("long", enc, 2)
+    prompt = "x = [" + "1, " * 20 + "1"
+    n = len(enc.encode_ordinary(prompt))
+    monkeypatch.setattr(tasks, "MAX_PROMPT_TOKENS", n)            # in place of 255 (with its answer: block_size 256)
+    assert len(tasks.encode_example(enc, "long", prompt, "]", "]]")[0]) == n   # the most tokens: still posed
+    monkeypatch.setattr(tasks, "MAX_PROMPT_TOKENS", n - 1)
+    with pytest.raises(UserError, match=rf"a prompt of {n} tokens \(at most {n - 1}\)"):
+        tasks.encode_example(enc, "long", prompt, "]", "]]")
 
 
 def test_else_elif_prompts_are_python_whatever_its_branches_draw(corpus):
@@ -1505,13 +1523,20 @@ def test_batched_right_padded_evaluation_equals_one_prompt_at_a_time(corpus, tin
 
 def test_bracket_dilution_probe_runs_at_every_length(corpus, tiny_gpt, capsys):
     _, enc = corpus
-    tasks.bracket_dilution(tiny_gpt, enc, "cpu", samples=2)
-    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    model = copy.deepcopy(tiny_gpt)
+    with torch.no_grad():                                  # ]] after every token: P(]]) about e^9 / (e^9 + 2047)
+        model.bigram[:, enc.encode_single_token("]]")] = 9.0
+    tasks.bracket_dilution(model, enc, "cpu", samples=2)
+    out = capsys.readouterr().out
+    tasks.bracket_dilution(model, enc, "cpu", seed=1, samples=2)
+    assert capsys.readouterr().out != out                  # --seed: other lists
+    rows = out.strip().splitlines()[2:]
     assert [int(r.split("|")[0]) for r in rows] == [2, 4, 8, 12, 16, 24, 32, 48, 64]
     for row in rows:
         for cell in row.split("|")[1:]:
             tokens, full, two_way = map(float, cell.split()[-3:])
             assert tokens <= 255 and 0 <= full <= two_way <= 1   # P in the full softmax is the smaller
+            assert full > 0.6 and two_way > 0.99           # of ]], not of ]
 
 
 def test_listing_shows_every_task_with_an_example(capsys):
@@ -1528,7 +1553,7 @@ def test_unknown_task_is_a_one_line_user_error_listing_the_tasks():
     message = str(info.value)
     assert "unknown task 'nope'" in message and "\n" not in message
     assert all(name in message for name in tasks.TASKS)
-    for bad in ("--n_prompts=3", "--split=val", "--probe=bracket_dilution", "--probe=x --ckpt=a"):
+    for bad in ("--n_prompts=3", "--split=val", "--probe=bracket_dilution", "--probe=x --ckpt=a", "--batch_size=0"):
         with pytest.raises(UserError):
             parse_args(tasks.TaskConfig, bad.split())
     for unused in ("--task=for_while", "--split=train", "--n_prompts=8", "--batch_size=8"):   # the probe's own prompts
@@ -1559,11 +1584,17 @@ def test_a_prompt_longer_than_the_model_context_is_a_one_line_error_naming_both(
     with pytest.raises(UserError, match=r"^task else_elif: a test prompt of \d+ tokens does not fit the model's "
                                         r"block_size=64$"):
         make_prompts("else_elif", enc, 16, 0, "test", block_size=64)
+    longest = max(len(p.ids) for p in make_prompts("else_elif", enc, 16, 0, "test"))
+    assert make_prompts("else_elif", enc, 16, 0, "test", block_size=longest)   # exactly block_size long: it fits
     path = save_tiny(tmp_path / "short" / "ckpt.pt", tiny_model(block_size=64), 3.0)
     tasks.main([f"--ckpt={path}", "--n_prompts=4", "--device=cpu"])     # the tasks that fit still get their row
     lines = capsys.readouterr().out.splitlines()
     skipped = [line.split()[0] for line in lines if "does not fit the model's block_size=64" in line]
     assert "else_elif" in skipped and "class_init" not in skipped and lines[-2].startswith("mean")
+    losses = [float(line.split()[2]) for line in lines if line.split()[0] in tasks.TASKS and "skipped" not in line]
+    assert float(lines[-2].split()[1]) == pytest.approx(sum(losses) / len(losses), abs=2e-4)   # over the rows shown
+    with pytest.raises(UserError, match="else_elif: a test prompt of"):   # the one task asked: an error, not a row
+        tasks.main([f"--ckpt={path}", "--task=else_elif", "--n_prompts=4", "--device=cpu"])
     with pytest.raises(UserError, match="else_elif: a test prompt of"):
         prune.main(fast_args(path, tmp_path / "p", "--task=else_elif"))
     with pytest.raises(UserError, match=r"for_while: a train prompt of \d+ tokens does not fit"):   # test ones fit
@@ -1650,11 +1681,27 @@ def test_each_tasks_correct_answer_follows_its_rule(corpus):
             assert enc.decode([p.correct]) == rule(text) != enc.decode([p.alt]), (name, text[-40:])
 
 
+def test_var_if_and_class_init_ask_the_parameter_their_label_picks_and_not_one_already_assigned(corpus):
+    _, enc = corpus
+    for p in make_prompts("var_if", enc, 40, 0, "test"):
+        text = enc.decode(p.ids)
+        assert enc.decode([p.correct]) == " " + re.findall(r"(\w+)=None", text)[p.label]   # label: which optional one
+        if_line, body = text.split("\n")[-2:]
+        assert len(body) + 1 == len(if_line) - len(if_line.lstrip()) + 4   # with the answer's space: the body's indent
+    for p in make_prompts("class_init", enc, 40, 0, "test"):
+        text, answer = enc.decode(p.ids), enc.decode([p.correct])[1:]
+        params = re.search(r"__init__\(self, ([^)]*)\)", text).group(1).split(", ")
+        assert answer == (params[0], params[-1])[p.label]                 # label: the first or the last parameter
+        assert not re.search(rf"self\._?{answer} =", text[:text.rfind("self.")])   # else the prompt shows the answer
+
+
 def test_prompts_are_distinct_even_where_a_task_repeats_itself(corpus, monkeypatch):
     _, enc = corpus
     monkeypatch.setitem(tasks.TASKS, "few", lambda rng, label: (f"x = {rng.randint(0, 30)}\n", *tasks.pick(label, "]", ")")))
     prompts = make_prompts("few", enc, 10, 0, "train")                 # about 15 train prompts exist
     assert len({tuple(p.ids) for p in prompts}) == 10
+    with pytest.raises(UserError, match=r"task few: only \d+ distinct train prompts in 4000 draws"):
+        make_prompts("few", enc, 40, 0, "train")                       # not fewer prompts than asked, silently
 
 
 # -----------------------------------------------------------------------------
@@ -2943,8 +2990,9 @@ def test_bench_fixed_masks_keep_k_per_row_at_every_sparse_site_the_same_each_ste
     # AbsTopK's cost apart from choosing: its output and its masked gradient, at places that never move
     cfg = tiny_train_config(tmp_path, device="cpu")
     model = train.make_model(dataclasses.replace(cfg, afrac=1.0))   # as bench.py's worker builds it
+    state = torch.get_rng_state()
     hooks = bench.fixed_mask_hooks(model, cfg)
-    assert len(hooks) == 8 * cfg.n_layer
+    assert len(hooks) == 8 * cfg.n_layer and torch.equal(torch.get_rng_state(), state)   # the worker's tokens: sparse's
     kept = {}
     for step in range(2):                                         # new tokens each step: the same places
         x = torch.randint(model.config.vocab_size, (cfg.batch_size, cfg.block_size))
@@ -2961,6 +3009,26 @@ def test_bench_fixed_masks_keep_k_per_row_at_every_sparse_site_the_same_each_ste
     out.sum().backward()
     k = int(cfg.afrac * model.config.d_model)
     assert torch.equal(h.grad != 0, out != 0) and ((h.grad != 0).sum(-1) == k).all()   # exactly k, masked
+
+
+def test_bench_worker_steps_past_the_anneal_through_the_fixed_masks_it_is_asked_for(tmp_path, monkeypatch):
+    cfg = tiny_train_config(tmp_path, device="cpu")
+    calls, steps, fixed_mask_hooks, optimizer_step = Counter(), [], bench.fixed_mask_hooks, bench.optimizer_step
+    monkeypatch.setattr(bench, "fixed_mask_hooks", lambda model, c: {   # each hook counts its calls
+        name: lambda x, n, fn=fn: calls.update([n]) or fn(x, n) for name, fn in fixed_mask_hooks(model, c).items()})
+    monkeypatch.setattr(bench, "optimizer_step", lambda model, opt, step, c: steps.append((step, c.l0_frac)) or
+                        optimizer_step(model, opt, step, c))
+    class Parent:                                             # the pipe's other end: build, time a step, stop
+        asked, answers = ["build", 1, 0], []
+        recv = lambda self: self.asked.pop(0)
+        send = lambda self, answer: self.answers.append(answer)
+    parent = Parent()
+    bench.training_worker(parent, cfg, 0, keep_memory=False, fixed_masks=True)
+    assert parent.answers[0] == "ready" and set(parent.answers[2]) == {"projection_ms", "peak_mem_mb"}
+    assert len(calls) == 8 * cfg.n_layer and set(calls.values()) == {3}   # every site, in the untimed step, the
+    past = cfg.max_iters - 1                                  # timed one and the one before the projection's timing
+    assert train.l0_at(past + 1, cfg) == cfg.l0_frac          # past the anneal: the L0 of most of a run
+    assert steps == [(past, cfg.l0_frac)] * 2 + [(past, 1.0)]   # the last unprojected: what the projection is timed on
 
 
 def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
@@ -3154,8 +3222,12 @@ def test_bench_compares_the_presets_abstopk_with_another_way(monkeypatch):
         r = bench.bench_shape(shape, bc, "cpu")
         assert (r["abstopk_by"], r["other_abstopk"]) == (preset_way, other)
         assert r["other_abstopk_over_preset_step"] == pytest.approx(ratio)
+        eager_over_compiled = {"dense": 1.0, "sparse": ms["eager"] / ms[f"sparse_{preset_way}"]}
+        assert r["compile_speedup"] == pytest.approx(eager_over_compiled)
     on_gpu = bench.variant("gpu", "cuda", 64)                  # on a GPU: our kernel, against radix
     assert (on_gpu.compile, on_gpu.abstopk_by, bench.other_abstopk(on_gpu)) == (True, "triton", "radix")
+    on_cpu = bench.variant("gpu", "cpu", 4)                    # on a CPU, eager unless --cpu_compile: by topk
+    assert (on_cpu.compile, on_cpu.abstopk_by, on_cpu.batch_size) == (False, "topk", 4)
 
 
 def test_flops_per_token_is_6n_plus_12_l_d_t():
@@ -3165,10 +3237,68 @@ def test_flops_per_token_is_6n_plus_12_l_d_t():
     assert bench.flops_per_token(model, 16) == 6 * n + 12 * c.n_layer * c.d_model * 16   # lm_head in; wte, bigram not
 
 
+def test_bench_counts_a_matmul_of_n_by_n_as_2_n_cubed_flops(monkeypatch):
+    monkeypatch.setattr(bench, "seconds_per_call", lambda fn, n, device: 0.25)
+    assert bench.matmul_peak("cpu", "float32") == 2 * 2048 ** 3 / 0.25    # n = 2048 on a CPU: MFU's denominator
+
+
+def test_bench_times_a_plain_forward_against_one_recording_a_site(tmp_path, monkeypatch):
+    recorded, run_with_cache = [], GPT.run_with_cache
+    monkeypatch.setattr(GPT, "run_with_cache", lambda self, idx, names: recorded.append(names) or
+                        run_with_cache(self, idx, names))
+    def seconds_per_call(fn, n, device):                      # a forward that records takes 2 s, a plain one 1 s
+        before = len(recorded)
+        fn()
+        return 2.0 if len(recorded) > before else 1.0
+    monkeypatch.setattr(bench, "seconds_per_call", seconds_per_call)
+    assert bench.hook_overhead(tiny_train_config(tmp_path, device="cpu", n_layer=2), 4, 2) == (1e3, 2e3)   # ms
+    assert recorded == [["1.mlp.post_act"]] * 2               # one site, once a round
+
+
+def test_bench_times_abstopk_alone_at_every_sparse_site_with_its_k(tmp_path, monkeypatch):
+    cfg = tiny_train_config(tmp_path, device="cpu", n_layer=2)
+    c, calls = cfg.model_config(), []
+    monkeypatch.setattr(bench, "abstopk_function", lambda by: lambda x, k: calls.append((x.shape[-1], x.dtype, k)))
+    monkeypatch.setattr(bench, "seconds_per_call", lambda fn, n, device: (fn(), 1e-3)[1])   # 1 ms a call
+    assert bench.abstopk_alone_ms(cfg, 3) == pytest.approx((8 * 2, 8 * 2))   # 8 sites in each of 2 layers, ms
+    assert sorted(calls) == [(w, torch.float32, int(c.afrac * w)) for w in (c.d_model, c.d_mlp)]   # a call per width
+
+
+def test_bench_times_prune_on_its_checkpoint_before_any_shape(tmp_path, monkeypatch, capsys):
+    pruned = []
+    monkeypatch.setattr(bench, "prune_time", lambda *args: pruned.append(args) or 5.0)
+    def stop(shape, bc, device):
+        raise SystemExit(f"{len(pruned)} pruned")
+    monkeypatch.setattr(bench, "bench_shape", stop)
+    with pytest.raises(SystemExit, match="1 pruned"):
+        bench.main(["--shapes=cpu", "--prune_ckpt=m/ckpt.pt", "--prune_task=for_while", "--device=cpu",
+                    f"--out_dir={tmp_path}"])
+    assert pruned == [("m/ckpt.pt", "for_while", "cpu", str(tmp_path))]
+    assert "prune for_while on m/ckpt.pt: 5 s" in capsys.readouterr().out
+
+
+def test_bench_peak_memory_is_in_bytes(monkeypatch):
+    if sys.platform.startswith("linux"):                      # VmHWM: at least what is resident now; about ru_maxrss
+        resident = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        assert resident <= bench.peak_rss() < 2 * bench.resource.getrusage(bench.resource.RUSAGE_SELF).ru_maxrss * 1024
+    def no_proc(*args):
+        raise FileNotFoundError
+    monkeypatch.setattr(bench, "open", no_proc, raising=False)   # elsewhere: ru_maxrss, in kB (on macOS in bytes)
+    monkeypatch.setattr(bench.resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3000))
+    for platform_name, peak in (("linux", 3000 * 1024), ("darwin", 3000)):
+        monkeypatch.setattr(sys, "platform", platform_name)
+        assert bench.peak_rss() == peak, platform_name
+    monkeypatch.setattr(bench, "resource", None)                # Windows has no resource module: not measured
+    assert math.isnan(bench.peak_rss())
+
+
 def test_bench_times_a_call_and_the_projection_net_of_putting_the_weights_back(monkeypatch):
     clock = iter(range(10 ** 6))                      # a clock that ticks once per reading
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
     assert bench.seconds_per_call(lambda: None, 4, "cpu") == pytest.approx(1 / 4)   # one tick over 4 calls
+    calls = []
+    bench.seconds_per_call(lambda: calls.append(1), 4, "cpu")
+    assert len(calls) == 5                            # and one untimed before them: a GPU loads its kernels there
     times = iter([3.0, 1.0])                          # with the projection, then putting back alone
     monkeypatch.setattr(bench, "seconds_per_call", lambda fn, n, device: (fn(), next(times))[1])
     assert bench.projection_seconds(GPT(tiny_config()), lambda: None, 2, "cpu") == pytest.approx(2.0)
@@ -3177,10 +3307,13 @@ def test_bench_times_a_call_and_the_projection_net_of_putting_the_weights_back(m
 def test_bench_takes_each_ratio_within_a_round_of_turns_and_writes_them(tmp_path, monkeypatch, capsys):
     # a host slowing down mid-run: round 2 is slow for both; compared within rounds, sparse is 1.5x dense
     rounds = {"dense": [10, 20, 40], "sparse": [15, 50, 60], "sparse_no_abstopk": [12, 40, 48],
-              "sparse_fixed_masks": [12, 45, 54]}
+              "sparse_fixed_masks": [12, 45, 54], "sparse_glibc_malloc": [18, 60, 66]}
     stub_bench_timings_but_the_steps(monkeypatch)
-    peaks = [1e9, 4e9, 2e9]                                           # the matmul peak, measured in each round
-    monkeypatch.setattr(bench, "time_in_turns", lambda variants, *a: ({
+    monkeypatch.setattr(bench, "abstopk_alone_ms", lambda *a: (5.0, 15.0))   # AbsTopK's forward: ours, plain
+    monkeypatch.setattr(bench, "hook_overhead", lambda *a: (4.0, 5.0))       # forward: plain, recording a site
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: 1)               # as under glibc
+    peaks, timed = [1e9, 4e9, 2e9], {}                                # the matmul peak, measured in each round
+    monkeypatch.setattr(bench, "time_in_turns", lambda variants, *a: (timed.update(variants) or {
         name: {"ms_per_step": statistics.median(rounds[name]), "ms_per_round": rounds[name], "tokens_per_s": 1.0,
                "projection_ms": 1.0, "peak_mem_mb": 1.0} for name in variants if name in rounds}, peaks))
     naive_calls = []
@@ -3205,6 +3338,19 @@ def test_bench_takes_each_ratio_within_a_round_of_turns_and_writes_them(tmp_path
     assert r["runs"]["dense"]["mfu"] == pytest.approx(statistics.median(flops / (ms / 1e3) / p for ms, p in
                                                                         zip(rounds["dense"], peaks)))
     assert r["matmul_peak_flops"] == 2e9 and r["matmul_peak_rounds"] == peaks
+    assert r["allocator_speedup"] == pytest.approx(1.2)                # median(18/15, 60/50, 66/60)
+    assert (r["abstopk_forward_ms"], r["abstopk_plain_over_ours"], r["abstopk_forward_share"]) == pytest.approx((5, 3, 0.1))
+    assert (r["forward_ms"], r["forward_recording_ms"]) == (4.0, 5.0)
+    assert naive_calls == [train.TrainConfig.l0_frac]                  # projected to the run's L0 after the anneal
+    cfgs, options = ({name: v[i] for name, v in timed.items()} for i in (0, 1))   # what each variant ran
+    sparse = cfgs["sparse"]
+    assert r["batch_size"] == train.TrainConfig.batch_size and sparse.afrac < 1 and sparse.l0_frac < 1   # the preset's
+    assert all(cfg.batch_size == r["batch_size"] for cfg in cfgs.values())
+    assert (cfgs["dense"].l0_frac, cfgs["dense"].afrac) == (1, 1)
+    assert (cfgs["sparse_no_abstopk"].l0_frac, cfgs["sparse_no_abstopk"].afrac) == (sparse.l0_frac, 1)
+    assert cfgs["sparse_fixed_masks"] == cfgs["sparse_glibc_malloc"] == sparse       # told apart by their options:
+    assert options == {"dense": {}, "sparse": {}, "sparse_no_abstopk": {}, "sparse_fixed_masks": {"fixed_masks": True},
+                       "sparse_glibc_malloc": {"keep_memory": False}}
 
 
 def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path, monkeypatch):
@@ -3224,6 +3370,8 @@ def test_bench_times_each_variant_in_rounds_in_its_own_process(tmp_path, monkeyp
     for name, r in runs.items():
         assert len(r["ms_per_round"]) == 2 and min(r["ms_per_round"]) > 0      # a share of 2 steps, then of 1
         assert r["ms_per_step"] == statistics.median(r["ms_per_round"]) and r["peak_mem_mb"] > 0
+        assert min(r["ms_per_round"]) > 0.1                    # ms, not seconds: a step takes more than 0.1 ms
+        assert r["tokens_per_s"] == pytest.approx(cfg.batch_size * cfg.block_size / r["ms_per_step"] * 1e3)
     assert runs["sparse"]["projection_ms"] > 0 and runs["dense"]["projection_ms"] == 0   # dense projects nothing
     # a variant whose process fails stops the benchmark with its name (its traceback goes to stderr), not a hang
     with pytest.raises(RuntimeError, match="timing broken stopped with exit code 1"):
@@ -3245,6 +3393,9 @@ def test_bench_refuses_a_batch_of_0_a_shape_twice_and_a_prune_task_without_a_che
         bench.BenchConfig(prune_task="For_While")                 # said first: a checkpoint would not help
     line = one_line_error(["bench.py", "--shapes=gpu", "--cpu_batch_gpu_shape=0"])
     assert line == "error: --cpu_batch_gpu_shape=0 must be positive"
+    for bad in ("--steps=0", "--rounds=0", "--warmup=-1"):        # else a median of no rounds, or a % 0, at the end
+        with pytest.raises(UserError, match="need steps > 0, rounds > 0 and warmup >= 0"):
+            parse_args(bench.BenchConfig, [bad])
 
 
 def test_bench_runs_and_records_no_more_rounds_than_steps(monkeypatch, capsys):
