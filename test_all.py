@@ -221,8 +221,7 @@ def test_the_triton_kernel_selects_as_radix_does_in_tritons_interpreter(tmp_path
     rows = [(torch.randn(5, 7, 40), 10), (wide[:, 40:80], 8),   # a slice, as q, k and v are (fp32: strided)
             (torch.randn(3, 33), 33), (torch.randn(4, 24), 1),
             (torch.randn(3, 2048), 512), (torch.randn(2, 64), 16),   # one row a program; no padding
-            (torch.randn(40, 6).t(), 8),                      # rows that are columns of a matrix (strides 1, 6)
-            (torch.tensor([[1.0, torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))]]), 1)]   # the lowest bit decides
+            (torch.randn(40, 6).t(), 8)]                      # rows that are columns of a matrix (strides 1, 6)
     x = torch.randn(4, 48)
     x[0, 6:] = 0                                               # fewer than k nonzeros: ties at 0
     x[1, 10:] = x[1, 9]                                        # ties at a nonzero k-th |x|
@@ -230,7 +229,8 @@ def test_the_triton_kernel_selects_as_radix_does_in_tritons_interpreter(tmp_path
     x[3, :] = -x[3, 0]                                         # a row of one |x|
     rows.append((x, 12))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for y, k in rows:
+        one = torch.ones(1, dtype=dtype)
+        for y, k in rows + [(torch.cat([one, torch.nextafter(one, 2 * one)])[None], 1)]:   # the lowest bit decides
             y, y_ref = y.to(dtype).detach().requires_grad_(), y.to(dtype).detach().clone().requires_grad_()
             kept, ref = abstopk_triton.abstopk(y, k), lowest_index_abstopk(y_ref, k)
             grad = torch.arange(y.numel(), dtype=dtype).view_as(y)           # the kept zeros pass theirs too
@@ -375,7 +375,7 @@ def test_generate_samples_from_the_top_k_at_the_temperature_and_crops_the_contex
     assert (model.generate(idx, 1, temperature=1e-3)[:, -1] == 63).all()           # near 0: greedy
     assert model.generate(torch.zeros(1, 16, dtype=torch.long), 3).shape == (1, 19)   # past block_size 16
     assert (model.generate(idx, 1, temperature=0)[:, -1] == 63).all()              # 0: greedy, not a division by 0
-    assert len(set(model.generate(idx, 1, top_k=100)[:, -1].tolist())) > 3         # more than the vocab: all of it
+    assert len(set(model.generate(idx, 1, top_k=100)[:, -1].tolist())) > 3         # more than the vocab: capped, no error
     with torch.no_grad():
         model.bigram.copy_(torch.eye(64).roll(1, 1) * 50)                          # after token t comes t + 1
     context = torch.arange(16)[None]                                               # block_size tokens: 0 ... 15
@@ -2265,22 +2265,24 @@ def test_headline_matches_the_closest_dense_model_and_its_table_is_the_circuits_
     headline.main(args)
     assert len(calls) == 12                                          # the second run reads every circuit from the cache
 
-    pooled = []
+    pooled, pruned_in_pool = [], []
     class SerialPool:                                                # --jobs's pool, run here (prune.main is patched)
         def __init__(self, n, initializer): assert initializer is headline.set_up_process
         def __enter__(self): return self
         def __exit__(self, *exc): pass
         def starmap(self, fn, args, chunksize=1):
             pooled.extend(args)
-            return [fn(*a) for a in args]
+            out = [fn(*a) for a in args]
+            pruned_in_pool.append(len(calls))
+            return out
     monkeypatch.setattr(headline.multiprocessing, "get_context", lambda method: SimpleNamespace(Pool=SerialPool))
     before = len(calls)
     shutil.copytree(tmp_path / "h", tmp_path / "hj")
     for record in (tmp_path / "hj" / "circuits").rglob("for_while.json"):
         record.unlink()                                              # 6 runs to prune again, 6 to read
     headline.main([a.replace(str(tmp_path / "h"), str(tmp_path / "hj")) for a in args] + ["--jobs=2"])
-    assert len(pooled) == 12 and len(calls) - before == 6           # the pool pruned what was missing; main only read
-    assert all("--task=for_while" in argv for argv in calls[before:])
+    assert len(pooled) == 12 and pruned_in_pool == [before + 6] == [len(calls)]   # the pool pruned what was missing;
+    assert all("--task=for_while" in argv for argv in calls[before:])                # main then only read
     assert json.loads(open_text(tmp_path / "hj" / "headline.json"))["comparisons"] == result["comparisons"]
     before = len(calls)
     headline.main(args + ["--prune_seeds=0,1", "--k_coefs=1e-4"])    # seed 1 joins the search: only its runs are new
@@ -3278,6 +3280,9 @@ def test_bench_times_prune_on_its_checkpoint_before_any_shape(tmp_path, monkeypa
 
 
 def test_bench_peak_memory_is_in_bytes(monkeypatch):
+    if bench.resource is None:                                # Windows: nothing to read
+        assert math.isnan(bench.peak_rss())
+        return
     if sys.platform.startswith("linux"):                      # VmHWM: at least what is resident now; about ru_maxrss
         resident = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         assert resident <= bench.peak_rss() < 2 * bench.resource.getrusage(bench.resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -5,7 +5,7 @@ Annealed weight-sparse training (docs/METHOD.md section 2), and dense baselines,
     python train.py --preset=cpu45                   # about 35-40 minutes on 2 cores: solves 4 tasks (README)
     python train.py --preset=cpu --l0_frac=1 --afrac=1 --out_dir=out/cpu_dense   # the dense twin
     python train.py --out_dir=out/cpu --resume=True  # continue an interrupted run exactly
-    torchrun --standalone --nproc_per_node=2 train.py --preset=cpu   # DDP (gloo on CPU, nccl on GPU)
+    torchrun --standalone --nproc_per_node=2 train.py --preset=cpu --out_dir=out/cpu_ddp   # DDP: gloo on CPU
     python train.py --help                           # every setting; override any with --key=value
 
 Each step: forward/backward, global gradient-RMS normalization, Adam(0.9, 0.95, eps 0.1) with
@@ -41,7 +41,7 @@ class TrainConfig:
     out_dir: str = "out/cpu"
     resume: bool = False           # continue from out_dir/ckpt.pt
     data_dir: str = ""             # folder of .py files; empty = this Python's standard library
-    seed: int = 1337               # init, batches, samples: a run is reproduced by its seed
+    seed: int = 1337               # init and batches: a run is reproduced by its seed (on one kind of host)
     # run length and logging
     max_iters: int = 800           # optimizer steps; the schedules are fractions of it
     stop_iter: int = 0             # stop after this step as if interrupted (0 = run to max_iters)
@@ -51,7 +51,7 @@ class TrainConfig:
     sample_tokens: int = 48        # sampled continuation printed at each evaluation (0 = none)
     eval_task: str = "single_double_quote"  # task loss on its test prompts at each evaluation ("" = none)
     # batch
-    batch_size: int = 32           # sequences per micro-batch, per process
+    batch_size: int = 32           # sequences per micro-batch (per process under DDP)
     block_size: int = 256
     gradient_accumulation_steps: int = 1   # micro-batches per step: tokens/step = this x batch x block x processes
     # model (sparse_gpt.GPTConfig)
@@ -62,7 +62,7 @@ class TrainConfig:
     afrac: float = 0.25            # AbsTopK fraction at the 8 sites; 1 = off
     sparse_sites: tuple = ALL_SPARSE_SITES  # where AbsTopK applies (comma-separated on the command line)
     learned_pos: bool = False      # learned absolute position embedding (the paper: "roughly neutral")
-    bigram: bool = True            # dense vocab x vocab bigram logit table [paper]
+    bigram: bool = True            # dense vocab x vocab bigram logit table (authors' code)
     sparse_biases: bool = True     # biases top-k projected with the weights
     min_per_channel: int = 4       # every output row keeps at least this many nonzero weights [paper: j]
     abstopk_by: str = "topk"       # topk | radix (compiled) | triton (a GPU kernel); ties differ: sparse_gpt.GPT
@@ -80,7 +80,7 @@ class TrainConfig:
     # system
     device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
     dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast on CUDA)
-    compile: bool = False          # torch.compile the step (the gpu preset sets it; needs a C++ compiler on a CPU)
+    compile: bool = False          # torch.compile the model (the gpu preset sets it; needs a C++ compiler on a CPU)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
