@@ -93,9 +93,10 @@ def parse_values(cls, argv, base=None):
 
 
 def setting_comments(cls):
-    """{setting: the comment beside it in the source of cls or a class it builds on}: what --help says."""
+    """{setting: the comment beside it in the source of cls, a class it builds on, or a class named in
+    its comments_from (where the same settings are defined again, e.g. the model's)}: what --help says."""
     notes = {}
-    for klass in reversed(cls.__mro__):          # a subclass's own comment wins
+    for klass in [*getattr(cls, "comments_from", ()), *reversed(cls.__mro__)]:   # cls's own comment wins
         with contextlib.suppress(OSError, TypeError):   # no source to read (object, a frozen app): no comments
             name = None
             for line in inspect.getsource(klass).splitlines():

@@ -458,14 +458,6 @@ def circuit_record(model, name, taus, keep, k, curve, means, cfg):
             "curve": [{"k": kk, "nodes": nn, "loss": ll} for kk, (nn, ll) in sorted(curve.items())]}
 
 
-def circuit_masks(model, rec, device="cpu"):
-    """Keep masks {site: (dim,)} rebuilt from a record's nodes (e.g. a record loaded from JSON)."""
-    keep = {name: torch.zeros(dim_of(model, name), device=device) for name in node_sites(model)}
-    for n in rec["nodes"]:
-        keep[n["site"]][n["index"]] = 1.0
-    return keep
-
-
 def prune_task(model, enc, name, test_prompts, means, cfg, device, log=print):
     """Prune one task. means: the pretraining means (None for the other ablations). -> its record"""
     drawn = make_prompts(name, enc, cfg.n_train + cfg.n_eval, cfg.seed, "train",   # all distinct

@@ -37,6 +37,7 @@ from sparse_gpt import ABSTOPK_BY, ALL_SPARSE_SITES, GPT, GPTConfig, load_checkp
 
 @dataclass
 class TrainConfig:
+    comments_from = (GPTConfig,)   # --help shows the model settings' comments from there, not written twice
     preset: str = "cpu"            # cpu | cpu45 | gpu: each sets the defaults it names in PRESETS
     out_dir: str = "out/cpu"
     resume: bool = False           # continue from out_dir/ckpt.pt
@@ -61,10 +62,10 @@ class TrainConfig:
     mlp_ratio: int = 4
     afrac: float = 0.25            # AbsTopK fraction at the 8 sites; 1 = off
     sparse_sites: tuple = ALL_SPARSE_SITES  # where AbsTopK applies (comma-separated on the command line)
-    learned_pos: bool = False      # learned absolute position embedding (the paper: "roughly neutral")
-    bigram: bool = True            # dense vocab x vocab bigram logit table (authors' code)
-    sparse_biases: bool = True     # biases top-k projected with the weights
-    min_per_channel: int = 4       # every output row keeps at least this many nonzero weights [paper: j]
+    learned_pos: bool = False
+    bigram: bool = True
+    sparse_biases: bool = True
+    min_per_channel: int = 4
     abstopk_by: str = "topk"       # topk | radix (compiled) | triton (a GPU kernel); ties differ: sparse_gpt.GPT
     # weight sparsity and its anneal
     l0_frac: float = 0.125         # target fraction of nonzero weights; 1 = dense
